@@ -1,0 +1,176 @@
+"""Every file format of the project, written in one place and read in one place.
+
+Tensor files are safetensors; their run information is JSON stored under the metadata key
+``bayestune`` (safetensors metadata only holds strings). Every writer goes through
+:func:`atomic_output`, so a killed job never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from bayestune import __version__
+
+METADATA_KEY = "bayestune"
+
+
+class FileFormatError(ValueError):
+    """A file exists but is not what the caller expects (wrong kind, model or shapes)."""
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], kind: str, meta: dict) -> None:
+    info = {"kind": kind, "bayestune_version": __version__, **meta}
+    plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    with atomic_output(path) as tmp:
+        save_file(plain, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
+
+
+def _load_tensors(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {kind} file; run the stage that writes it first")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw_meta = (handle.metadata() or {}).get(METADATA_KEY)
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise FileFormatError(f"{path}: not a readable safetensors file ({err}); delete it and "
+                              "rerun the stage that writes it") from err
+    meta = json.loads(raw_meta) if raw_meta else {}
+    found = meta.get("kind")
+    if found != kind:
+        raise FileFormatError(f"{path}: expected a {kind} file, found {found or 'no bayestune metadata'}")
+    return tensors, meta
+
+
+def check_matches_model(
+    tensors: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+    path: str | os.PathLike[str],
+    kind: str,
+) -> None:
+    """Raise if a per-parameter file does not have exactly the model's names and shapes."""
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    wrong = sorted(n for n in set(shapes) & set(tensors) if tuple(tensors[n].shape) != tuple(shapes[n]))
+    if not (missing or extra or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} model parameters missing (first: {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} names not in the model (first: {extra[0]})")
+    if wrong:
+        n = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatches (first: {n} {tuple(tensors[n].shape)} "
+                     f"vs model {tuple(shapes[n])})")
+    raise FileFormatError(f"{path}: {kind} file does not match the model: {'; '.join(parts)}. "
+                          "It was probably made for another model or task; regenerate it.")
+
+
+# --- scale file: posterior-mean lambda per parameter tensor ---------------------------------
+def save_scales(path: str | os.PathLike[str], scales: Mapping[str, torch.Tensor], meta: dict) -> None:
+    _save_tensors(Path(path), scales, "scales", meta)
+
+
+def load_scales(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    return _load_tensors(path, "scales")
+
+
+# --- score file: any per-parameter ranking score (baselines) --------------------------------
+def save_scores(path: str | os.PathLike[str], scores: Mapping[str, torch.Tensor], meta: dict) -> None:
+    _save_tensors(Path(path), scores, "scores", meta)
+
+
+def load_scores(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a score file; a scale file is a score file too (posterior-mean lambda)."""
+    try:
+        return _load_tensors(path, "scores")
+    except FileFormatError:
+        return load_scales(path)
+
+
+# --- mask file: bool tensor per parameter, True = trainable ---------------------------------
+def save_mask(path: str | os.PathLike[str], mask: Mapping[str, torch.Tensor], meta: dict) -> None:
+    _save_tensors(Path(path), {n: m.bool() for n, m in mask.items()}, "mask", meta)
+
+
+def load_mask(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    return _load_tensors(path, "mask")
+
+
+# --- sparse delta: theta - theta0 as flat indices and values per tensor ---------------------
+def save_delta(
+    path: str | os.PathLike[str],
+    delta: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    meta: dict,
+) -> None:
+    flat = {}
+    for name, (indices, values) in delta.items():
+        flat[f"{name}::indices"] = indices.to(torch.int64)
+        flat[f"{name}::values"] = values
+    _save_tensors(Path(path), flat, "delta", meta)
+
+
+def load_delta(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    flat, meta = _load_tensors(path, "delta")
+    names = {key.rsplit("::", 1)[0] for key in flat}
+    return {n: (flat[f"{n}::indices"], flat[f"{n}::values"]) for n in names}, meta
+
+
+# --- JSON records: metrics of a run, benchmark numbers --------------------------------------
+def write_json(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; run the stage that writes it first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from err
+
+
+# --- training checkpoint: whole state of a resumable run (sampler, fine-tuning) -------------
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Return the saved state, or None when there is no checkpoint to resume from."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise FileFormatError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from err

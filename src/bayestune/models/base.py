@@ -1,0 +1,44 @@
+"""The one model shape every stage works with: a pretrained ``encoder`` and a task ``head``.
+
+Parameter names therefore start with ``encoder.`` or ``head.``, which is how masks, figures
+and tables tell the two apart. ``forward`` takes the batch dict that the task's loaders yield
+and returns the loss (when the batch has ``labels``) and the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+HEAD_PREFIX = "head."
+
+
+def is_head(name: str) -> bool:
+    """True for a parameter of the task head (freshly initialised, not pretrained)."""
+    return name.startswith(HEAD_PREFIX)
+
+
+@dataclass
+class TaskOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class TaskModel(nn.Module):
+    """Base class: subclasses set ``self.encoder`` and ``self.head`` and implement forward."""
+
+    model_id: str = ""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss function handed to the sampler, the baselines and stage 2."""
+    return model(batch).loss
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
