@@ -22,6 +22,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from bayestune import __version__
 
 METADATA_KEY = "bayestune"
+PathLike = str | os.PathLike[str]
+Tensors = Mapping[str, torch.Tensor]
 
 
 class FileFormatError(ValueError):
@@ -29,7 +31,7 @@ class FileFormatError(ValueError):
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_output(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], kind: str, me
         save_file(plain, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
 
 
-def _load_tensors(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _load_tensors(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {kind} file; run the stage that writes it first")
@@ -64,20 +66,22 @@ def _load_tensors(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, to
     meta = json.loads(raw_meta) if raw_meta else {}
     found = meta.get("kind")
     if found != kind:
-        raise FileFormatError(f"{path}: expected a {kind} file, found {found or 'no bayestune metadata'}")
+        found = found or "no bayestune metadata"
+        raise FileFormatError(f"{path}: expected a {kind} file, found {found}")
     return tensors, meta
 
 
 def check_matches_model(
     tensors: Mapping[str, torch.Tensor],
     shapes: Mapping[str, torch.Size],
-    path: str | os.PathLike[str],
+    path: PathLike,
     kind: str,
 ) -> None:
     """Raise if a per-parameter file does not have exactly the model's names and shapes."""
     missing = sorted(set(shapes) - set(tensors))
     extra = sorted(set(tensors) - set(shapes))
-    wrong = sorted(n for n in set(shapes) & set(tensors) if tuple(tensors[n].shape) != tuple(shapes[n]))
+    common = set(shapes) & set(tensors)
+    wrong = sorted(n for n in common if tuple(tensors[n].shape) != tuple(shapes[n]))
     if not (missing or extra or wrong):
         return
     parts = []
@@ -94,20 +98,20 @@ def check_matches_model(
 
 
 # --- scale file: posterior-mean lambda per parameter tensor ---------------------------------
-def save_scales(path: str | os.PathLike[str], scales: Mapping[str, torch.Tensor], meta: dict) -> None:
+def save_scales(path: PathLike, scales: Tensors, meta: dict) -> None:
     _save_tensors(Path(path), scales, "scales", meta)
 
 
-def load_scales(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+def load_scales(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return _load_tensors(path, "scales")
 
 
 # --- score file: any per-parameter ranking score (baselines) --------------------------------
-def save_scores(path: str | os.PathLike[str], scores: Mapping[str, torch.Tensor], meta: dict) -> None:
+def save_scores(path: PathLike, scores: Tensors, meta: dict) -> None:
     _save_tensors(Path(path), scores, "scores", meta)
 
 
-def load_scores(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+def load_scores(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a score file; a scale file is a score file too (posterior-mean lambda)."""
     try:
         return _load_tensors(path, "scores")
@@ -116,17 +120,17 @@ def load_scores(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
 
 
 # --- mask file: bool tensor per parameter, True = trainable ---------------------------------
-def save_mask(path: str | os.PathLike[str], mask: Mapping[str, torch.Tensor], meta: dict) -> None:
+def save_mask(path: PathLike, mask: Mapping[str, torch.Tensor], meta: dict) -> None:
     _save_tensors(Path(path), {n: m.bool() for n, m in mask.items()}, "mask", meta)
 
 
-def load_mask(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+def load_mask(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return _load_tensors(path, "mask")
 
 
 # --- sparse delta: theta - theta0 as flat indices and values per tensor ---------------------
 def save_delta(
-    path: str | os.PathLike[str],
+    path: PathLike,
     delta: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     meta: dict,
 ) -> None:
@@ -137,19 +141,19 @@ def save_delta(
     _save_tensors(Path(path), flat, "delta", meta)
 
 
-def load_delta(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+def load_delta(path: PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     flat, meta = _load_tensors(path, "delta")
     names = {key.rsplit("::", 1)[0] for key in flat}
     return {n: (flat[f"{n}::indices"], flat[f"{n}::values"]) for n in names}, meta
 
 
 # --- JSON records: metrics of a run, benchmark numbers --------------------------------------
-def write_json(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+def write_json(path: PathLike, record: Mapping[str, Any]) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_json(path: PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; run the stage that writes it first")
@@ -160,12 +164,12 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # --- training checkpoint: whole state of a resumable run (sampler, fine-tuning) -------------
-def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
     with atomic_output(path) as tmp:
         torch.save(dict(state), tmp)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+def load_checkpoint(path: PathLike) -> dict[str, Any] | None:
     """Return the saved state, or None when there is no checkpoint to resume from."""
     path = Path(path)
     if not path.is_file():
@@ -173,4 +177,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise FileFormatError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from err
+        raise FileFormatError(
+            f"{path}: unreadable checkpoint ({err}); delete it to start over") from err
+
+
+# --- model weights: a full state dict (base model + delta applied) --------------------------
+def save_model_state(path: PathLike, state: Tensors, meta: dict) -> None:
+    _save_tensors(Path(path), state, "model", meta)
+
+
+def load_model_state(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    return _load_tensors(path, "model")

@@ -1,0 +1,5 @@
+import sys
+
+from bayestune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""The one command line: ``bayestune <subcommand>``; each Snakemake rule calls one subcommand.
+
+Options of the sampler, the fine-tuning and the mask methods are generated from the fields of
+their config dataclasses, so a config key, a flag and a field always share one name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from bayestune import __version__
+
+log = logging.getLogger("bayestune")
+Config = TypeVar("Config")
+
+
+# --- flags generated from config dataclasses ------------------------------------------------
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for field in dataclasses.fields(cls):
+        flag = "--" + (prefix + field.name).replace("_", "-")
+        help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
+        if isinstance(field.default, bool):
+            group.add_argument(flag, dest=prefix + field.name, default=field.default,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=prefix + field.name, default=field.default,
+                               type=type(field.default), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, cls: type[Config], prefix: str = "") -> Config:
+    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)}
+    return cls(**values)
+
+
+def parse_budgets(text: str) -> list[float]:
+    from bayestune.masks import check_budget
+
+    try:
+        budgets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"budgets must be comma-separated numbers: {text!r}") from err
+    for budget in budgets:
+        check_budget(budget)
+    return budgets
+
+
+def budget_label(budget: float) -> str:
+    return f"p{format(budget, 'g')}"
+
+
+# --- subcommands ----------------------------------------------------------------------------
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from bayestune.tasks import prepare_task
+
+    prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length)
+
+
+def _model_and_data(args: argparse.Namespace):
+    from bayestune.tasks import build_task_model, get_task, load_task_data
+
+    spec = get_task(args.task)
+    model = build_task_model(args.task, args.model, args.seed)
+    data = load_task_data(args.task, args.data, args.batch_size, args.seed, args.eval_batch_size)
+    return spec, model, data
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from bayestune.models.base import task_loss
+    from bayestune.sampler import SamplerConfig, sample_scales, write_scale_file
+
+    config = config_from_args(args, SamplerConfig)
+    _, model, data = _model_and_data(args)
+    result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
+                           device=args.device, checkpoint_path=args.checkpoint,
+                           progress=not args.quiet)
+    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id)
+    if args.checkpoint is not None:
+        # The scale file is the product; a finished run's checkpoint is only dead weight.
+        Path(args.checkpoint).unlink(missing_ok=True)
+    log.info("wrote %s (%d samples averaged)", args.out, result.n_samples)
+
+
+def cmd_mask(args: argparse.Namespace) -> None:
+    from bayestune import files
+    from bayestune.methods import MethodConfig, select_masks
+    from bayestune.models.base import task_loss
+    from bayestune.tasks import build_task_model, load_task_data
+
+    config = config_from_args(args, MethodConfig)
+    model = build_task_model(args.task, args.model, args.seed)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    scores = None
+    if args.scores is not None:
+        scores, _ = files.load_scores(args.scores)
+        files.check_matches_model(scores, shapes, args.scores, "score")
+    batches = None
+    if args.data is not None:
+        batches = load_task_data(args.task, args.data, args.batch_size, args.seed,
+                                 args.eval_batch_size).train_epoch
+    masks = select_masks(args.method, model, batches, task_loss, args.budgets, args.seed, config,
+                         scores=scores)
+    for budget, mask in masks.items():
+        n_selected = int(sum(int(m.sum()) for m in mask.values()))
+        n_total = sum(m.numel() for m in mask.values())
+        meta = {"method": args.method, "budget": budget, "task": args.task, "seed": args.seed,
+                "model": model.model_id, "n_selected": n_selected, "n_total": n_total,
+                "trainable_fraction": n_selected / n_total, **dataclasses.asdict(config)}
+        files.save_mask(Path(args.out_dir) / f"{budget_label(budget)}.safetensors", mask, meta)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from bayestune import files
+    from bayestune.delta import make_delta
+    from bayestune.finetune import FinetuneConfig, finetune
+
+    config = config_from_args(args, FinetuneConfig)
+    spec, model, data = _model_and_data(args)
+    theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
+    mask, method, budget = None, args.method, args.method
+    if args.mask is not None:
+        mask, mask_meta = files.load_mask(args.mask)
+        files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
+        method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
+    trained = model
+    if args.method == "lora" and mask is None:
+        from bayestune.methods import LoraSettings, merge_lora, wrap_lora
+
+        trained = wrap_lora(model, config_from_args(args, LoraSettings, prefix="lora_"))
+    result = finetune(trained, data, spec, config, mask=mask, seed=args.seed, device=args.device,
+                      progress=not args.quiet)
+    if trained is not model:
+        model = merge_lora(trained)
+    out_dir = Path(args.out_dir)
+    delta = make_delta(model.cpu(), theta0)
+    files.save_delta(out_dir / "delta.safetensors", delta,
+                     {"task": args.task, "model": model.model_id, "seed": args.seed,
+                      "method": method, "budget": budget})
+    files.write_json(out_dir / "metrics.json", {
+        "method": method, "budget": budget, "task": args.task, "seed": args.seed,
+        "model": model.model_id, "metric": spec.metric_name,
+        "test_score": result.test_score, "val_score": result.val_score,
+        "trainable_fraction": result.trainable_fraction, "n_trainable": result.n_trainable,
+        "n_total": result.n_total, "best_step": result.best_step, "steps": result.steps,
+        "wall_seconds": result.wall_seconds, "bayestune_version": __version__,
+    })
+    log.info("%s %s: test %s = %.4f", args.task, method, spec.metric_name, result.test_score)
+
+
+def cmd_apply_delta(args: argparse.Namespace) -> None:
+    from bayestune import files
+    from bayestune.delta import apply_delta
+    from bayestune.tasks import build_task_model
+
+    model = build_task_model(args.task, args.model, args.seed)
+    delta, meta = files.load_delta(args.delta)
+    apply_delta(model, delta)
+    files.save_model_state(args.out, model.state_dict(), {**meta, "delta": str(args.delta)})
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from bayestune import reports
+
+    scores = reports.collect_scores(args.metrics)
+    reports.write_tables(scores, args.out_dir, args.benchmark, args.model)
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    from bayestune import reports
+
+    reports.write_figures(args.out_dir, scales=args.scales, masks=args.masks,
+                          scores_csv=args.scores_csv)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from bayestune.bench import print_table, run_bench
+
+    print_table(run_bench(args.out, model=args.model, steps=args.steps, device=args.device))
+
+
+# --- parser ---------------------------------------------------------------------------------
+def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
+    parser.add_argument("--task", required=True, help="task name, e.g. cola or vtab-cifar")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face name or local path (roberta-base, all-MiniLM-L6-v2) "
+                             "or timm model name")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the head and data order")
+    if data:
+        parser.add_argument("--data", type=Path, help="prepared task folder (bayestune prepare)")
+        parser.add_argument("--batch-size", type=int, default=16)
+        parser.add_argument("--eval-batch-size", type=int, default=64)
+        parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bayestune.finetune import FinetuneConfig
+    from bayestune.methods import METHODS, LoraSettings, MethodConfig
+    from bayestune.sampler import SamplerConfig
+
+    parser = argparse.ArgumentParser(prog="bayestune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bayestune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="read, check and tokenise a task's splits")
+    p.add_argument("--task", required=True)
+    p.add_argument("--model", required=True, help="model whose tokenizer/preprocessing to use")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="local task data (default: $BAYESTUNE_GLUE_DIR / $BAYESTUNE_VTAB_DIR)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("sample", help="stage 1: SGLD sampling of the scales lambda")
+    _common(p)
+    p.add_argument("--out", type=Path, required=True, help="scale file to write (.safetensors)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="resumable state; an existing one is resumed from")
+    add_config_flags(p, SamplerConfig)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("mask", help="masks at several budgets from a selection method")
+    _common(p)
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--budgets", type=parse_budgets, required=True, help="e.g. 0.001,0.005")
+    p.add_argument("--scores", type=Path, default=None, help="scale or score file (bayestune)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    add_config_flags(p, MethodConfig)
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("finetune", help="stage 2: fine-tune the masked scalars only")
+    _common(p)
+    p.add_argument("--mask", type=Path, default=None, help="mask file; omit for --method")
+    p.add_argument("--method", default="full", choices=["full", "lora"],
+                   help="without --mask: full fine-tuning or LoRA")
+    p.add_argument("--out-dir", type=Path, required=True)
+    add_config_flags(p, FinetuneConfig)
+    add_config_flags(p, LoraSettings, prefix="lora_")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("apply-delta", help="base model + sparse delta -> fine-tuned weights")
+    _common(p, data=False)
+    p.add_argument("--delta", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="state dict to write (.safetensors)")
+    p.set_defaults(func=cmd_apply_delta)
+
+    p = sub.add_parser("report", help="score tables from metrics.json files")
+    p.add_argument("--benchmark", choices=["glue", "vtab"], required=True)
+    p.add_argument("--metrics", type=Path, nargs="+", required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--model", default="", help="adds published rows when roberta-base")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("figures", help="figures of scales, masks and scores")
+    p.add_argument("--scales", type=Path, nargs="*", default=[])
+    p.add_argument("--masks", type=Path, nargs="*", default=[])
+    p.add_argument("--scores-csv", type=Path, default=None)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("bench", help="step time and memory against plain AdamW")
+    p.add_argument("--out", type=Path, default=Path("results/bench/bench.json"))
+    p.add_argument("--model", default="minilm", help="minilm or roberta-base-random")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Bad input and failed runs end with one clear line, not a traceback.
+        print(f"bayestune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    log.info("%s done in %.1f s", args.command, time.time() - started)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
