@@ -128,7 +128,8 @@ def load_mask(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return _load_tensors(path, "mask")
 
 
-# --- sparse delta: theta - theta0 as flat indices and values per tensor ---------------------
+# --- sparse delta: flat indices of changed scalars and their FINE-TUNED values (not the
+# differences, so base + delta is bit-exact; see delta.py), per tensor ----------------------
 def save_delta(
     path: PathLike,
     delta: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -188,3 +189,19 @@ def save_model_state(path: PathLike, state: Tensors, meta: dict) -> None:
 
 def load_model_state(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return _load_tensors(path, "model")
+
+
+# --- token cache: tokenised splits of one text task ("split/name" -> tensor) ----------------
+def save_token_cache(path: PathLike, splits: Mapping[str, Tensors], meta: dict) -> None:
+    flat = {f"{split}/{name}": t for split, tensors in splits.items()
+            for name, t in tensors.items()}
+    _save_tensors(Path(path), flat, "token_cache", meta)
+
+
+def load_token_cache(path: PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    flat, meta = _load_tensors(path, "token_cache")
+    splits: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        split, name = key.split("/", 1)
+        splits.setdefault(split, {})[name] = tensor
+    return splits, meta

@@ -1,0 +1,185 @@
+"""Stage 2: masked AdamW leaves frozen scalars bit-identical, keeps state small, picks best val."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import BertConfig
+
+from bayestune.files import FileFormatError
+from bayestune.finetune import FinetuneConfig, MaskedUpdater, finetune, train_step
+from bayestune.masks import masks_from_scores
+from bayestune.models.text import build_text_model_from_config
+from bayestune.tasks.base import TaskData, TaskSpec
+
+VOCAB, LENGTH = 120, 12
+
+
+def tiny_model(seed: int = 0):
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    return build_text_model_from_config(config, "classification", 2, seed)
+
+
+def _examples(n: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=gen)
+    labels = (ids[:, 1] % 2).long()  # learnable from one token
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long),
+             "labels": labels[i]} for i in range(n)]
+
+
+def tiny_data(seed: int = 0, n_train: int = 32) -> TaskData:
+    train = DataLoader(_examples(n_train, seed), batch_size=8, shuffle=True,
+                       generator=torch.Generator())
+    val = DataLoader(_examples(16, seed + 1), batch_size=16)
+    test = DataLoader(_examples(16, seed + 2), batch_size=16)
+    return TaskData(train=train, val=val, test=test, seed=seed)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+SPEC = TaskSpec(name="tiny", benchmark="glue", metric_name="accuracy", metric=accuracy)
+
+
+def random_mask(model, p: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    scores = {n: torch.rand(t.shape, generator=gen) for n, t in model.named_parameters()}
+    return masks_from_scores(scores, [p])[p]
+
+
+def test_frozen_scalars_stay_bit_identical_with_weight_decay() -> None:
+    model = tiny_model()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = random_mask(model, 0.05)
+    mask["encoder.embeddings.LayerNorm.bias"].zero_()  # one tensor with nothing selected
+    config = FinetuneConfig(lr=1e-2, weight_decay=0.5, max_steps=6, eval_every=3,
+                            warmup_ratio=0.0)
+    result = finetune(model, tiny_data(), SPEC, config, mask=mask, seed=0, device="cpu",
+                      progress=False)
+    changed = 0
+    for name, param in model.named_parameters():
+        m = mask[name]
+        assert torch.equal(param.detach()[~m], theta0[name][~m]), name
+        changed += int((param.detach()[m] != theta0[name][m]).sum())
+    assert changed > 0.9 * result.n_trainable
+    assert result.n_trainable == sum(int(m.sum()) for m in mask.values())
+    assert result.trainable_fraction == pytest.approx(result.n_trainable / result.n_total)
+    assert not model.encoder.embeddings.LayerNorm.bias.requires_grad
+
+
+def test_optimizer_state_only_for_trainable_scalars() -> None:
+    model = tiny_model()
+    mask = random_mask(model, 0.02)
+    k = sum(int(m.sum()) for m in mask.values())
+    config = FinetuneConfig(max_steps=2)
+    updater = MaskedUpdater(model, mask, config.lr, config.weight_decay)
+    batch = next(iter(tiny_data().train_epoch(0)))
+    train_step(model, batch, updater, None, config, torch.device("cpu"))
+    groups = updater.optimizer.param_groups
+    assert len(groups) == 1 and len(groups[0]["params"]) == 1
+    state = updater.optimizer.state[updater.packed]
+    assert state["exp_avg"].numel() == state["exp_avg_sq"].numel() == k
+    # dense gradients were freed by the gather hook
+    assert all(p.grad is None for p in model.parameters())
+    assert updater.packed.grad.abs().sum() > 0
+
+
+def test_masked_gradient_matches_dense_gradient() -> None:
+    model = tiny_model()
+    mask = random_mask(model, 0.1)
+    batch = next(iter(tiny_data().train_epoch(0)))
+    model.eval()  # no dropout, so both passes see the same function
+    model(batch).loss.backward()
+    dense = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    updater = MaskedUpdater(model, mask, 1e-3, 0.0)
+    updater.zero_grad()
+    model(batch).loss.backward()
+    expected = torch.cat([dense[n].reshape(-1)[mask[n].reshape(-1)]
+                          for n, _ in model.named_parameters() if mask[n].any()])
+    torch.testing.assert_close(updater.packed.grad, expected)
+
+
+def test_early_stopping_restores_best_validation_step() -> None:
+    scripted = iter([0.5, 0.9, 0.7, 0.6, 0.95, 0.99])
+    seen: list[np.ndarray] = []
+
+    def metric(logits: np.ndarray, labels: np.ndarray) -> float:
+        seen.append(logits.copy())
+        return next(scripted, 0.0)  # after the scripted val scores: the test call
+
+    spec = TaskSpec(name="scripted", benchmark="glue", metric_name="scripted", metric=metric)
+    data = tiny_data()
+    data.test = data.val  # same examples: test logits must be those of the best val step
+    config = FinetuneConfig(lr=1e-2, max_steps=40, eval_every=2, patience=2, warmup_ratio=0.0)
+    result = finetune(tiny_model(), data, spec, config, mask=random_mask(tiny_model(), 0.2),
+                      seed=0, device="cpu", progress=False)
+    assert [h[0] for h in result.history] == [2, 4, 6, 8]
+    assert [h[2] for h in result.history] == [0.5, 0.9, 0.7, 0.6]
+    assert result.best_step == 4 and result.steps == 8 and result.val_score == 0.9
+    assert np.array_equal(seen[-1], seen[1])
+    assert not np.array_equal(seen[-1], seen[3])
+
+
+def test_full_finetuning_without_mask_trains_everything() -> None:
+    model = tiny_model()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = FinetuneConfig(lr=1e-2, max_steps=4, eval_every=4)
+    result = finetune(model, tiny_data(), SPEC, config, mask=None, seed=0, device="cpu",
+                      progress=False)
+    assert result.n_trainable == result.n_total and result.trainable_fraction == 1.0
+    assert result.steps == 4 and len(result.history) == 1
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), theta0[n])]
+    assert "encoder.encoder.layer.0.attention.self.query.weight" in moved
+    assert 0.0 <= result.test_score <= 1.0
+
+
+def test_training_runs_past_one_epoch_and_learns() -> None:
+    model = tiny_model()
+    config = FinetuneConfig(lr=3e-3, max_steps=40, eval_every=10, patience=10, warmup_ratio=0.1)
+    result = finetune(model, tiny_data(n_train=64), SPEC, config, mask=None, seed=0,
+                      device="cpu", progress=False)
+    assert result.steps == 40  # 8 batches per epoch: five epochs
+    losses = [loss for _, loss, _ in result.history]
+    assert losses[-1] < 0.4 < 0.6 < losses[0]  # from chance level (ln 2) to well below it
+
+
+def test_bad_masks_and_configs_are_rejected() -> None:
+    model = tiny_model()
+    empty = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="selects no scalar"):
+        MaskedUpdater(model, empty, 1e-3, 0.0)
+    partial = dict(list(empty.items())[1:])
+    with pytest.raises(FileFormatError, match="missing"):
+        MaskedUpdater(model, partial, 1e-3, 0.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        FinetuneConfig(eval_every=0)
+
+
+def test_bench_smoke_in_process(tmp_path) -> None:
+    from bayestune.bench import print_table, run_bench
+    from bayestune.files import read_json
+
+    out = tmp_path / "bench.json"
+    result = run_bench(out, model="tiny-random", steps=2, warmup=1, device="cpu", seq_len=16,
+                       isolate=False)
+    assert read_json(out) == json_roundtrip(result)
+    for key in ("stage1_step_ratio", "stage2_step_ratio", "stage1_peak_mem_ratio",
+                "stage2_peak_mem_ratio", "delta_bytes_ratio"):
+        assert result[key] > 0, key
+    assert len(result["full_step_times"]) == 2
+    assert result["stage2_n_trainable"] == int(0.005 * result["n_params"])
+    assert 0 < result["delta_scalars"] <= result["stage2_n_trainable"]
+    assert result["delta_bytes"] < result["full_state_bytes"]
+    print_table(result)
+
+
+def json_roundtrip(record: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(record))
