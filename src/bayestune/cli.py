@@ -91,7 +91,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_mask(args: argparse.Namespace) -> None:
     from bayestune import files
-    from bayestune.methods import MethodConfig, select_masks
+    from bayestune.masks import mask_metadata
+    from bayestune.methods import MethodConfig, ranking_options, select_masks
     from bayestune.models.base import task_loss
     from bayestune.tasks import build_task_model, load_task_data
 
@@ -108,12 +109,11 @@ def cmd_mask(args: argparse.Namespace) -> None:
                                  args.eval_batch_size).train_epoch
     masks = select_masks(args.method, model, batches, task_loss, args.budgets, args.seed, config,
                          scores=scores)
+    options = ranking_options(args.method, config)
+    method_params = {k: v for k, v in dataclasses.asdict(config).items() if k not in options}
     for budget, mask in masks.items():
-        n_selected = int(sum(int(m.sum()) for m in mask.values()))
-        n_total = sum(m.numel() for m in mask.values())
-        meta = {"method": args.method, "budget": budget, "task": args.task, "seed": args.seed,
-                "model": model.model_id, "n_selected": n_selected, "n_total": n_total,
-                "trainable_fraction": n_selected / n_total, **dataclasses.asdict(config)}
+        meta = mask_metadata(mask, budget, method=args.method, **options, task=args.task,
+                             seed=args.seed, model=model.model_id, **method_params)
         files.save_mask(Path(args.out_dir) / f"{budget_label(budget)}.safetensors", mask, meta)
 
 

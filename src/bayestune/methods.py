@@ -210,17 +210,23 @@ def method_scores(name: str, model: nn.Module, batches: Batches, loss_fn: LossFn
 
 
 # --- the mask methods -----------------------------------------------------------------------
-def _rank(scores: Mapping[str, Tensor], budgets: Sequence[float], config: MethodConfig, *,
-          per_tensor: bool | None = None, keep_head: bool | None = None) -> dict[float, Mask]:
-    return masks_from_scores(
-        scores, budgets,
-        per_tensor=config.per_tensor if per_tensor is None else per_tensor,
-        keep_head=config.keep_head if keep_head is None else keep_head,
-        head_counts_toward_budget=config.head_counts_toward_budget,
-    )
+# The SAM paper ranks within each encoder tensor and always trains the head.
+_FIXED_RANKING: dict[str, dict[str, bool]] = {"sam": {"per_tensor": True, "keep_head": True}}
 
 
-def _score_method(name: str, **rank_options: bool) -> MaskMethod:
+def ranking_options(name: str, config: MethodConfig) -> dict[str, bool]:
+    """How method ``name`` turns scores into masks: the config's options unless it fixes them."""
+    options = {"per_tensor": config.per_tensor, "keep_head": config.keep_head,
+               "head_counts_toward_budget": config.head_counts_toward_budget}
+    return {**options, **_FIXED_RANKING.get(name, {})}
+
+
+def _rank(name: str, scores: Mapping[str, Tensor], budgets: Sequence[float],
+          config: MethodConfig) -> dict[float, Mask]:
+    return masks_from_scores(scores, budgets, **ranking_options(name, config))
+
+
+def _score_method(name: str) -> MaskMethod:
     def method(model: nn.Module, batches: Batches, loss_fn: LossFn, budgets: Sequence[float],
                seed: int, config: MethodConfig, *,
                scores: Mapping[str, Tensor] | None = None) -> dict[float, Mask]:
@@ -228,7 +234,7 @@ def _score_method(name: str, **rank_options: bool) -> MaskMethod:
         if scores is None:
             scores = SCORERS[name](model, batches, loss_fn, seed, config)
         _check_scores_fit(name, model, scores)
-        return _rank(scores, budgets, config, **rank_options)
+        return _rank(name, scores, budgets, config)
 
     method.__name__ = f"{name}_masks"
     method.__doc__ = f"Top-k of the {name} score ({SCORERS[name].__doc__.splitlines()[0]})"
@@ -243,7 +249,7 @@ def bayestune_masks(model: nn.Module, batches: Batches, loss_fn: LossFn,
         raise ValueError("method 'bayestune' ranks the posterior-mean scales of stage 1; pass "
                          "them as scores (--scores results/.../scales/.../seed<S>.safetensors)")
     _check_scores_fit("bayestune", model, scores)
-    return _rank(scores, budgets, config)
+    return _rank("bayestune", scores, budgets, config)
 
 
 def _same_for_every_budget(mask: Mask, budgets: Sequence[float]) -> dict[float, Mask]:
@@ -284,8 +290,7 @@ METHODS: dict[str, MaskMethod] = {
     "bitfit": bitfit_masks,
     "magnitude": _score_method("magnitude"),
     "fisher": _score_method("fisher"),
-    # The SAM paper ranks within each encoder tensor and always trains the head.
-    "sam": _score_method("sam", per_tensor=True, keep_head=True),
+    "sam": _score_method("sam"),
 }
 
 
