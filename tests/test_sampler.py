@@ -1,0 +1,367 @@
+"""Stage 1: phases, the known answer, resuming, divergence, config checks, the scale file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bayestune import files
+from bayestune import sampler as sampler_module
+from bayestune.sampler import (
+    SamplerConfig,
+    SamplerConfigError,
+    SamplingDivergedError,
+    _Sampler,
+    sample_scales,
+    write_scale_file,
+)
+from bayestune.tasks.base import TaskData
+
+
+# --- a tiny classifier with dropout, fed by a real shuffling DataLoader -----------------------
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Dropout(0.2))
+        self.head = nn.Linear(12, 3)
+        self.idle = nn.Parameter(torch.zeros(4))  # never reaches the loss: no data gradient
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.head(self.encoder(batch["x"]))
+
+
+def tiny_net(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def ce_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch), batch["y"])
+
+
+def tiny_data(n: int = 36, batch_size: int = 8) -> TaskData:
+    g = torch.Generator().manual_seed(123)
+    rows = [{"x": torch.randn(6, generator=g), "y": torch.randint(0, 3, (), generator=g)}
+            for _ in range(n)]
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, generator=torch.Generator())
+    return TaskData(train=loader, val=loader, test=loader, seed=7)
+
+
+def small_config(**changes) -> SamplerConfig:
+    base = dict(steps=40, warmup_steps=8, burnin_steps=20, thinning=4, temperature=1e4,
+                lambda_init=1e-3, lr_theta=1e-2, lr_lambda=1e-3, checkpoint_every=5)
+    return SamplerConfig(**{**base, **changes})
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_after(batches, n_batches: int):
+    """A batch stream that dies when asked for batch number ``n_batches + 1``."""
+    drawn = 0
+
+    def stream(epoch):
+        nonlocal drawn
+        for batch in batches(epoch):
+            if drawn == n_batches:
+                raise Killed
+            drawn += 1
+            yield batch
+    return stream
+
+
+def run(config, model=None, data=None, **kwargs):
+    model = model if model is not None else tiny_net()
+    data = data if data is not None else tiny_data()
+    kwargs = {"seed": 3, "device": "cpu", "progress": False, **kwargs}
+    return sample_scales(model, data.train_epoch, ce_loss, config, **kwargs)
+
+
+# --- the known answer -------------------------------------------------------------------------
+def test_known_answer_only_the_moved_coordinates_get_large_scales():
+    # y = X w*, where w* differs from the pretrained w0 on 3 of 200 coordinates only.
+    dim, n, moved = 200, 512, torch.tensor([5, 77, 150])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, dim, generator=g)
+    w0 = 0.1 * torch.randn(dim, generator=g)
+    w_star = w0.clone()
+    w_star[moved] += torch.tensor([1.0, -0.8, 0.6])
+    y = x @ w_star
+
+    def batches(epoch):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, n, 64):
+            yield {"x": x[order[i:i + 64]], "y": y[order[i:i + 64]]}
+
+    def mse(model, batch):
+        return 0.5 * (model(batch["x"]).squeeze(-1) - batch["y"]).square().mean()
+
+    model = nn.Linear(dim, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w0)
+    config = SamplerConfig(steps=1200, warmup_steps=400, burnin_steps=700, thinning=10,
+                           temperature=1e3, lambda_init=1e-2, lr_theta=3e-3, lr_lambda=1e-3,
+                           noise_discount=0.3)
+    result = sample_scales(model, batches, mse, config, seed=0, device="cpu", progress=False)
+    lam = result.mean["weight"][0]
+    rest = torch.ones(dim, dtype=torch.bool)
+    rest[moved] = False
+    assert set(lam.topk(3).indices.tolist()) == set(moved.tolist())
+    assert lam[moved].min() >= 10 * lam[rest].mean()
+    assert result.n_samples == config.n_samples == 50
+
+
+# --- both variants, the result's shape --------------------------------------------------------
+@pytest.mark.parametrize("variant", ["adamw", "sgld"])
+def test_both_variants_give_one_finite_scale_per_parameter(variant):
+    config = small_config(variant=variant, lr_theta=1e-2 if variant == "adamw" else 1e-1,
+                          lr_lambda=1e-3 if variant == "adamw" else 1e-6)
+    model = tiny_net()
+    result = run(config, model=model)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert list(result.mean) == list(shapes) == list(result.var)
+    for name, shape in shapes.items():
+        assert result.mean[name].shape == shape and result.var[name].shape == shape
+        assert torch.isfinite(result.mean[name]).all() and (result.mean[name] >= 1e-8).all()
+        assert (result.var[name] >= 0).all()
+    assert result.n_samples == config.n_samples == 5 and result.steps == 40
+    # the idle parameter has no data gradient but still feels prior and noise under SGLD
+    assert not torch.equal(model.idle.detach(), torch.zeros(4))
+
+
+# --- one SGLD step, term by term ---------------------------------------------------------------
+def test_one_plain_sgld_step_is_the_formula():
+    """x <- x - eta (clip(grad L) + grad U_prior + discount sqrt(2 / (N eta)) xi) for theta and
+    lambda: the noise rides on the gradient (so it enters with a minus sign, which is the same
+    in distribution), xi drawn from the sampler's own seeded generator, theta first."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    batch = {"x": torch.randn(4, 5), "y": torch.randn(4, 3)}
+
+    def mse(m, b):
+        return 10.0 * (m(b["x"]) - b["y"]).square().mean()  # large: the clip is active
+
+    config = SamplerConfig(steps=2, warmup_steps=0, burnin_steps=1, thinning=1, variant="sgld",
+                           temperature=50.0, lr_theta=1e-2, lr_lambda=1e-3, lambda_init=0.3,
+                           noise_discount=0.5, grad_clip=0.1)
+    sampler = _Sampler(model, mse, config, seed=11, device=torch.device("cpu"))
+    sampler.theta0_flat.add_(0.2 * torch.randn(sampler.theta0_flat.shape))  # so theta != theta0
+    sampler.lam_flat.data[::3] = -1.0                                         # some below floor
+    theta, theta0 = sampler.layout.flatten(sampler.params), sampler.theta0_flat.clone()
+    lam = sampler.lam_flat.detach().clone()
+
+    data_grads = torch.autograd.grad(mse(model, batch), list(model.parameters()))
+    norm = torch.cat([g.reshape(-1) for g in data_grads]).norm()
+    clipped = torch.cat([g.reshape(-1) for g in data_grads]) * (0.1 / (norm + 1e-6))
+    xi = torch.Generator().manual_seed(11 ^ 0x5EED5EED)
+    xi_theta, xi_lam = torch.randn(theta.shape, generator=xi), torch.randn(lam.shape, generator=xi)
+    prior = config.prior()
+
+    sampler.train_step(batch)
+    want_theta = theta - 1e-2 * (clipped + prior.grad_theta(theta, theta0, lam)
+                                 + 0.5 * (2 / (50.0 * 1e-2)) ** 0.5 * xi_theta)
+    want_lam = lam - 1e-3 * (prior.grad_lambda(theta, theta0, lam)
+                             + 0.5 * (2 / (50.0 * 1e-3)) ** 0.5 * xi_lam)
+    torch.testing.assert_close(sampler.layout.flatten(sampler.params), want_theta)
+    torch.testing.assert_close(sampler.lam_flat.detach(), want_lam)
+
+
+def test_gpu_layout_gives_the_cpu_answer_without_noise(monkeypatch):
+    # A GPU takes whole tensors in one block; the CPU cuts them into cache-sized pieces. The
+    # maths must not notice (only the noise stream depends on the blocks; vectorised kernels
+    # round the tails of different lengths differently, hence 1e-5).
+    config = small_config(noise_discount=0.0)
+    monkeypatch.setattr(sampler_module, "CPU_PIECE", 5)   # the tiny net has 127 scalars
+    monkeypatch.setattr(sampler_module, "CPU_BLOCK", 16)
+    pieces = run(config)
+    monkeypatch.setattr(sampler_module, "CPU_PIECE", None)
+    monkeypatch.setattr(sampler_module, "CPU_BLOCK", None)
+    whole = run(config)
+    for name in pieces.mean:
+        torch.testing.assert_close(whole.mean[name], pieces.mean[name], rtol=1e-5, atol=0)
+
+
+# --- phases -----------------------------------------------------------------------------------
+def _checkpoint_after(steps_done, config, tmp_path):
+    path = tmp_path / f"after{steps_done}.pt"
+    data = tiny_data()
+    with pytest.raises(Killed):
+        sample_scales(tiny_net(), killed_after(data.train_epoch, steps_done), ce_loss, config,
+                      seed=3, device="cpu", checkpoint_path=path, progress=False)
+    return files.load_checkpoint(path)
+
+
+def test_warmup_fine_tunes_theta_and_keeps_lambda_fixed(tmp_path):
+    config = small_config(checkpoint_every=1)
+    at_w = _checkpoint_after(config.warmup_steps, config, tmp_path)
+    assert at_w["step"] == config.warmup_steps
+    assert torch.equal(at_w["lam"], torch.full_like(at_w["lam"], config.lambda_init))
+    theta = torch.cat([at_w["model"][n].reshape(-1) for n in at_w["names"]])
+    assert not torch.equal(theta, at_w["theta0"])              # plain fine-tuning happened
+    assert at_w["count"] == 0 and at_w["mean"] is None
+    after = _checkpoint_after(config.warmup_steps + 1, config, tmp_path)
+    assert not torch.equal(after["lam"], at_w["lam"])          # SGLD from step W on
+
+
+def test_samples_start_at_burnin_every_thinning_steps(tmp_path):
+    config = small_config(checkpoint_every=1)
+    counts = [_checkpoint_after(k, config, tmp_path)["count"]
+              for k in (config.burnin_steps, config.burnin_steps + 1, config.burnin_steps + 4,
+                        config.burnin_steps + 5)]
+    assert counts == [0, 1, 1, 2]
+
+
+def test_running_mean_and_variance_count_each_sample_once():
+    model = tiny_net()
+    sampler = _Sampler(model, ce_loss, small_config(), seed=0, device=torch.device("cpu"))
+    values = [1e-3, 2e-3, 4e-3, 1e-9]    # the last one is below the floor: recorded as 1e-8
+    for v in values:
+        sampler.lam_flat.data.fill_(v)
+        sampler.record_sample()
+    result = sampler.result()
+    used = torch.tensor([max(v, 1e-8) for v in values], dtype=torch.float64)
+    assert result.n_samples == 4
+    for name in result.mean:
+        torch.testing.assert_close(result.mean[name].double(),
+                                   torch.full_like(result.mean[name], used.mean()).double())
+        torch.testing.assert_close(result.var[name].double(),
+                                   torch.full_like(result.var[name], used.var()).double(),
+                                   rtol=1e-4, atol=0)
+
+
+# --- resuming ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("killed_at", [3, 23, 37])  # before any checkpoint, burn-in, sampling
+def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at):
+    config = small_config()
+    whole = run(config)
+    path = tmp_path / "ckpt.pt"
+    data = tiny_data()
+    with pytest.raises(Killed):
+        sample_scales(tiny_net(), killed_after(data.train_epoch, killed_at), ce_loss, config,
+                      seed=3, device="cpu", checkpoint_path=path, progress=False)
+    assert path.exists() == (killed_at >= config.checkpoint_every)
+    torch.manual_seed(12345)  # the global RNG state of the new process is whatever it is
+    resumed = run(config, model=tiny_net(), data=tiny_data(), checkpoint_path=path)
+    assert resumed.n_samples == whole.n_samples
+    for name in whole.mean:
+        assert torch.equal(resumed.mean[name], whole.mean[name]), name
+        assert torch.equal(resumed.var[name], whole.var[name]), name
+    for out, result in (("a", whole), ("b", resumed)):
+        write_scale_file(tmp_path / f"{out}.safetensors", result, config, seed=3, model_id="tiny")
+    assert ((tmp_path / "a.safetensors").read_bytes()
+            == (tmp_path / "b.safetensors").read_bytes())
+
+
+def test_finished_checkpoint_returns_at_once_and_other_settings_are_refused(tmp_path,
+                                                                          monkeypatch):
+    config = small_config()
+    path = tmp_path / "ckpt.pt"
+    first = run(config, checkpoint_path=path)
+    again = run(config, checkpoint_path=path, data=_EmptyEpochs())  # no batch is needed
+    assert all(torch.equal(first.mean[n], again.mean[n]) for n in first.mean)
+    with pytest.raises(SamplerConfigError, match="temperature"):
+        run(dataclasses.replace(config, temperature=1e5), checkpoint_path=path)
+    with pytest.raises(SamplerConfigError, match="seed 3"):
+        run(config, checkpoint_path=path, seed=4)
+    with monkeypatch.context() as patch:  # as if written on a GPU (whole-tensor pieces)
+        patch.setattr(sampler_module, "CPU_PIECE", 7)
+        with pytest.raises(SamplerConfigError, match="another device type"):
+            run(config, checkpoint_path=path)
+
+
+class _EmptyEpochs:
+    def train_epoch(self, epoch):
+        return iter(())
+
+
+def test_empty_batch_stream_is_an_error():
+    with pytest.raises(ValueError, match="no batches"):
+        run(small_config(), data=_EmptyEpochs())
+
+
+# --- divergence -------------------------------------------------------------------------------
+def _nan_loss(model):
+    return torch.tensor(float("nan"))
+
+
+def _nan_head(model):
+    model.head.weight.data.fill_(float("nan"))
+
+
+def _inf_idle(model):  # a parameter the loss never sees: only lambda can catch it
+    model.idle.data.fill_(float("inf"))
+
+
+@pytest.mark.parametrize("poison,name,what", [
+    (_nan_loss, None, "loss"), (_nan_head, "head.weight", "loss"), (_inf_idle, "idle", "lambda")])
+def test_nan_stops_the_run_naming_step_and_parameter(poison, name, what):
+    calls = 0
+
+    def loss_fn(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 13:                       # step 12, after warm-up
+            nan = poison(model)
+            if nan is not None:
+                return ce_loss(model, batch) * nan
+        return ce_loss(model, batch)
+
+    with pytest.raises(SamplingDivergedError, match="step 12") as info:
+        sample_scales(tiny_net(), tiny_data().train_epoch, loss_fn, small_config(grad_clip=0.0),
+                      seed=0, device="cpu", progress=False)
+    assert isinstance(info.value, RuntimeError)
+    assert info.value.step == 12 and info.value.name == name
+    assert what in str(info.value) and (name is None or name in str(info.value))
+
+
+# --- config -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes,message", [
+    ({"warmup_steps": 30, "burnin_steps": 20}, "warmup_steps <= burnin_steps"),
+    ({"burnin_steps": 40}, "leaves no lambda sample"),
+    ({"thinning": 0}, "thinning"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"lambda_init": -1.0}, "lambda_init"),
+    ({"noise_discount": -0.5}, "noise_discount"),
+    ({"variant": "hmc"}, "variant"),
+    ({"variant": "sgld", "weight_decay": 0.01}, "weight_decay"),
+    ({"checkpoint_every": -1}, "checkpoint_every"),
+])
+def test_bad_config_is_refused_with_the_field_named(changes, message):
+    with pytest.raises(SamplerConfigError, match=message):
+        small_config(**changes)
+
+
+def test_defaults_are_the_paper_settings():
+    config = SamplerConfig()
+    assert (config.steps, config.warmup_steps, config.burnin_steps, config.thinning) == (
+        20000, 10000, 12000, 100)
+    assert config.n_samples == 80 and config.temperature == 1e12 and config.variant == "adamw"
+    assert all(f.metadata.get("help") for f in dataclasses.fields(SamplerConfig))
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SamplerConfigError, match="no GPU"):
+        run(small_config(), device="cuda")
+
+
+# --- the scale file ---------------------------------------------------------------------------
+def test_scale_file_holds_the_mean_and_the_run_settings(tmp_path):
+    config = small_config()
+    model = tiny_net()
+    result = run(config, model=model)
+    path = tmp_path / "scales.safetensors"
+    write_scale_file(path, result, config, seed=3, model_id="tiny-net")
+    scales, meta = files.load_scales(path)
+    files.check_matches_model(scales, {n: p.shape for n, p in model.named_parameters()},
+                              path, "scale")
+    assert all(torch.equal(scales[n], result.mean[n]) for n in result.mean)
+    assert meta["model_id"] == "tiny-net" and meta["seed"] == 3
+    assert meta["n_samples"] == 5 and meta["steps"] == 40 and meta["temperature"] == 1e4
+    assert meta["variant"] == "adamw" and "bayestune_version" in meta
