@@ -450,7 +450,7 @@ def sample_scales(
     state = files.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if state is not None:
         sampler.load_state_dict(state, seed, Path(checkpoint_path))
-        log.info("resuming stage 1 from %s at step %d", checkpoint_path, sampler.step)
+        log.info("stage 1 resumed from step %d (checkpoint %s)", sampler.step, checkpoint_path)
     else:
         torch.manual_seed(seed)  # dropout
     with tqdm(total=config.steps, initial=sampler.step, disable=not progress,
