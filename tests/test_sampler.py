@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 from bayestune import files
 from bayestune import sampler as sampler_module
 from bayestune.sampler import (
+    Sampler,
     SamplerConfig,
     SamplerConfigError,
     SamplingDivergedError,
-    _Sampler,
     sample_scales,
     write_scale_file,
 )
@@ -149,7 +149,7 @@ def test_one_plain_sgld_step_is_the_formula():
     config = SamplerConfig(steps=2, warmup_steps=0, burnin_steps=1, thinning=1, variant="sgld",
                            temperature=50.0, lr_theta=1e-2, lr_lambda=1e-3, lambda_init=0.3,
                            noise_discount=0.5, grad_clip=0.1)
-    sampler = _Sampler(model, mse, config, seed=11, device=torch.device("cpu"))
+    sampler = Sampler(model, mse, config, seed=11, device=torch.device("cpu"))
     sampler.theta0_flat.add_(0.2 * torch.randn(sampler.theta0_flat.shape))  # so theta != theta0
     sampler.lam_flat.data[::3] = -1.0                                         # some below floor
     theta, theta0 = sampler.layout.flatten(sampler.params), sampler.theta0_flat.clone()
@@ -218,7 +218,7 @@ def test_samples_start_at_burnin_every_thinning_steps(tmp_path):
 
 def test_running_mean_and_variance_count_each_sample_once():
     model = tiny_net()
-    sampler = _Sampler(model, ce_loss, small_config(), seed=0, device=torch.device("cpu"))
+    sampler = Sampler(model, ce_loss, small_config(), seed=0, device=torch.device("cpu"))
     values = [1e-3, 2e-3, 4e-3, 1e-9]    # the last one is below the floor: recorded as 1e-8
     for v in values:
         sampler.lam_flat.data.fill_(v)

@@ -142,23 +142,15 @@ def _delta_sizes(model, workdir: Path) -> dict:
 
 
 def _stage1_step(model, batch, device) -> tuple[Callable[[], None], dict]:
-    from tqdm.auto import tqdm
-
-    from bayestune import sampler as stage1
     from bayestune.models.base import task_loss
-
-    if not all(hasattr(stage1, name) for name in ("SamplerConfig", "_Sampler", "_one_step")):
-        raise RuntimeError("bayestune.sampler no longer has _Sampler/_one_step, the step that "
-                           "sample_scales runs; update bench._stage1_step to its step API")
-    SamplerConfig, _Sampler, _one_step = stage1.SamplerConfig, stage1._Sampler, stage1._one_step
+    from bayestune.sampler import Sampler, SamplerConfig
 
     # The SGLD phase from the first step (samples every 100 steps, as the reference thins), so
-    # every timed step pays for prior, noise and both optimisers. The sampler's own step is
-    # used: `sample_scales` runs the same `_one_step` per batch.
+    # every timed step pays for prior, noise and both optimisers; `sample_scales` runs the
+    # same `Sampler.advance` per batch.
     config = SamplerConfig(steps=10**9, warmup_steps=0, burnin_steps=0, thinning=100)
-    sampler = _Sampler(model, task_loss, config, seed=0, device=device)
-    bar = tqdm(disable=True)
-    return lambda: _one_step(sampler, batch, bar), {"n_trainable": sum(sampler.sizes)}
+    sampler = Sampler(model, task_loss, config, seed=0, device=device)
+    return lambda: sampler.advance(batch), {"n_trainable": sum(sampler.sizes)}
 
 
 def _setup(config: str, model_name: str, device: torch.device, seq_len: int,

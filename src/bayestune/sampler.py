@@ -172,7 +172,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 # --- the sampler's state and its step --------------------------------------------------------
-class _Sampler:
+class Sampler:
+    """The whole state of one stage-1 run; :meth:`advance` takes one step of the schedule."""
+
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor],
                  config: SamplerConfig, seed: int, device: torch.device) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -228,6 +230,16 @@ class _Sampler:
         return theta, lam
 
     # --- one optimiser step -------------------------------------------------------------------
+    def advance(self, batch: dict) -> float:
+        """One step of the schedule: update, check lambda, maybe record a sample; the loss."""
+        step, config = self.step, self.config
+        loss_value = self.train_step(batch)
+        self.check_lambda()
+        if step >= config.burnin_steps and (step - config.burnin_steps) % config.thinning == 0:
+            self.record_sample()
+        self.step, self.position = step + 1, self.position + 1
+        return loss_value
+
     def train_step(self, batch: dict) -> float:
         """One optimiser step; returns the loss (checked before the update touches theta)."""
         sgld = self.step >= self.config.warmup_steps
@@ -383,7 +395,7 @@ def _resume_key(config: SamplerConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
 
 
-def _check_resumable(state: dict[str, Any], sampler: _Sampler, seed: int, path: Path) -> None:
+def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: Path) -> None:
     fix = f"delete {path} to start over, or resume with the settings that wrote it"
     if state.get("version") != CHECKPOINT_VERSION:
         raise files.FileFormatError(f"{path}: not a sampler checkpoint of this version; {fix}")
@@ -446,7 +458,7 @@ def sample_scales(
     config.validate()
     dev = resolve_device(device)
     model.to(dev).train()
-    sampler = _Sampler(model, loss_fn, config, seed, dev)
+    sampler = Sampler(model, loss_fn, config, seed, dev)
     state = files.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if state is not None:
         sampler.load_state_dict(state, seed, Path(checkpoint_path))
@@ -461,7 +473,10 @@ def sample_scales(
                 _restore_global_rng(state)
                 state = None
             for batch in epoch_batches:
-                _one_step(sampler, move_batch(batch, dev), bar)
+                loss_value = sampler.advance(move_batch(batch, dev))
+                bar.update(1)
+                bar.set_postfix(phase=config.phase(sampler.step - 1), loss=f"{loss_value:.4g}",
+                                refresh=False)
                 _maybe_checkpoint(sampler, checkpoint_path, seed)
                 if sampler.step >= config.steps:
                     break
@@ -470,7 +485,7 @@ def sample_scales(
     return sampler.result()
 
 
-def _epoch_iter(batches: Callable[[int], Iterable[dict]], sampler: _Sampler) -> Iterable[dict]:
+def _epoch_iter(batches: Callable[[int], Iterable[dict]], sampler: Sampler) -> Iterable[dict]:
     """The rest of the current epoch, skipping the batches a resumed run already used."""
     it = iter(batches(sampler.epoch))
     skipped = sum(1 for _ in itertools.islice(it, sampler.position))
@@ -492,18 +507,7 @@ def _nonempty(it: Iterable[dict], epoch: int) -> Iterable[dict]:
         raise ValueError(f"batches({epoch}) yielded no batches; is the training split empty?")
 
 
-def _one_step(sampler: _Sampler, batch: dict, bar: tqdm) -> None:
-    step, config = sampler.step, sampler.config
-    loss_value = sampler.train_step(batch)
-    sampler.check_lambda()
-    if step >= config.burnin_steps and (step - config.burnin_steps) % config.thinning == 0:
-        sampler.record_sample()
-    sampler.step, sampler.position = step + 1, sampler.position + 1
-    bar.update(1)
-    bar.set_postfix(phase=config.phase(step), loss=f"{loss_value:.4g}", refresh=False)
-
-
-def _maybe_checkpoint(sampler: _Sampler, path: Path | None, seed: int) -> None:
+def _maybe_checkpoint(sampler: Sampler, path: Path | None, seed: int) -> None:
     every, step = sampler.config.checkpoint_every, sampler.step
     if path is None or not (step == sampler.config.steps or (every and step % every == 0)):
         return
