@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader
 from bayestune import files
 from bayestune import sampler as sampler_module
 from bayestune.sampler import (
+    RunningStats,
     Sampler,
     SamplerConfig,
     SamplerConfigError,
@@ -234,6 +237,50 @@ def test_running_mean_and_variance_count_each_sample_once():
                                    rtol=1e-4, atol=0)
 
 
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_running_statistics_on_disk_match_memory_and_stay_out_of_the_process(monkeypatch):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    numel = 1 << 22  # 16 MiB per region: 32 MiB in all, which the file keeps out of the RSS
+    monkeypatch.setattr(sampler_module, "STATS_BLOCK", 1 << 16)
+    samples = [torch.rand(numel) for _ in range(3)]
+    warm = RunningStats(10, in_memory=False)  # first use loads what the I/O path needs
+    warm.add(lambda start, stop: torch.rand(stop - start))
+
+    def fill(in_memory: bool) -> tuple[RunningStats, int]:
+        before = _rss_bytes()
+        stats = RunningStats(numel, in_memory=in_memory)
+        for x in samples:
+            stats.add(lambda start, stop, x=x: x[start:stop].clone())
+        return stats, _rss_bytes() - before
+
+    (on_disk, disk_growth), (in_memory, memory_growth) = fill(False), fill(True)
+    assert disk_growth < (8 << 20) < (24 << 20) < memory_growth
+    stacked = torch.stack(samples).double()
+    for k, want in enumerate((stacked.mean(0), stacked.var(0) * 2)):  # M2 = var * (n - 1)
+        assert torch.equal(on_disk.region(k), in_memory.region(k))
+        torch.testing.assert_close(on_disk.region(k).double(), want, rtol=1e-4, atol=1e-6)
+    # checkpoint round trip through raw bytes, from memory into a file and back
+    restored = RunningStats(numel, in_memory=False)
+    for k in (0, 1):
+        raw = io.BytesIO()
+        in_memory.writer(k)(raw)
+        assert raw.tell() == 4 * numel
+        raw.seek(0)
+        restored.load(k, raw, Path("ckpt"))
+        assert torch.equal(restored.region(k), on_disk.region(k))
+    with pytest.raises(files.FileFormatError, match="shorter"):
+        restored.load(0, io.BytesIO(b"\0" * 12), Path("ckpt"))
+    for stats in (warm, on_disk, in_memory, restored):
+        stats.close()
+
+
 # --- resuming ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("killed_at", [3, 23, 37])  # before any checkpoint, burn-in, sampling
 def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at):
@@ -255,6 +302,27 @@ def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at):
         write_scale_file(tmp_path / f"{out}.safetensors", result, config, seed=3, model_id="tiny")
     assert ((tmp_path / "a.safetensors").read_bytes()
             == (tmp_path / "b.safetensors").read_bytes())
+
+
+def test_checkpoint_carries_the_statistics_in_one_file(tmp_path):
+    config = small_config()
+    path = tmp_path / "ckpt.pt"
+    data = tiny_data()
+    with pytest.raises(Killed):
+        sample_scales(tiny_net(), killed_after(data.train_epoch, 31), ce_loss, config, seed=3,
+                      device="cpu", checkpoint_path=path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # the scratch file is gone
+    state = files.load_checkpoint(path)
+    assert state["count"] == 3 and (state["mean"], state["m2"]) == RunningStats.REGIONS
+    with files.open_checkpoint_attachment(path, state["mean"]) as stream:
+        mean = torch.frombuffer(bytearray(stream.read()), dtype=torch.float32)
+    assert mean.numel() == 127 and (mean >= config.lambda_floor).all()
+    files.save_checkpoint(path, state)  # the same state without its attachments
+    with pytest.raises(files.FileFormatError, match="no attachment 'running_mean'"):
+        run(config, checkpoint_path=path)
+    fresh = tmp_path / "new" / "ckpt.pt"  # the scratch file's folder need not exist yet
+    assert run(small_config(checkpoint_every=0), checkpoint_path=fresh).n_samples == 5
+    assert [p.name for p in fresh.parent.iterdir()] == ["ckpt.pt"]
 
 
 def test_finished_checkpoint_returns_at_once_and_other_settings_are_refused(tmp_path,

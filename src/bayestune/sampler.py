@@ -8,7 +8,8 @@ Phases, in optimiser steps s = 0, 1, ... (ALGORITHM.md):
   hands it to AdamW (theta) and Adam (lambda), ``variant="sgld"`` takes a plain step
   ``x <- x - eta * grad``.
 * ``s >= burnin_steps`` and ``(s - burnin_steps) % thinning == 0``: after the update,
-  max(lambda, floor) enters a running mean and variance (Welford, each sample once).
+  max(lambda, floor) enters a running mean and variance (Welford, each sample once; off the
+  GPU they live in a scratch file, see :class:`RunningStats`).
 
 The hot path works on whole lists of tensors (``torch._foreach_*``, fused optimisers): theta0
 and lambda are flat buffers cut into pieces (``prior.FlatLayout``), the parameters and their
@@ -24,10 +25,12 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +46,8 @@ VARIANTS = ("adamw", "sgld")
 # On the CPU the update runs block by block over pieces of the parameters, so that a block's
 # arrays stay in cache through all the ops; a GPU takes whole tensors in one multi-tensor op.
 CPU_PIECE, CPU_BLOCK = 1 << 16, 1 << 17
-STATS_BLOCK = 1 << 20  # scalars per block of the running-statistics update
-CHECKPOINT_VERSION = 1
+STATS_BLOCK = 1 << 16  # scalars per block of the running-statistics update (and its I/O)
+CHECKPOINT_VERSION = 2  # 2: the running statistics are checkpoint attachments
 # Fields that do not change the samples: a checkpoint may be resumed with other values.
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
@@ -171,12 +174,146 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+# --- the running statistics ------------------------------------------------------------------
+class RunningStats:
+    """Welford's running mean and M2 (float32, flat) of the lambda samples.
+
+    Off the GPU they sit in an anonymous scratch file, not in memory: the sampler already holds
+    ~6x the model besides what plain fine-tuning holds, the statistics would add 2x more, and
+    they are touched once every ``thinning`` steps. An update reads and writes the file block
+    by block with pread/pwrite into one block buffer (not mmap, whose pages would count as the
+    process's own); between updates the data is only in the OS page cache, which can drop it.
+    With a GPU the host has the room, so the statistics stay in host memory there.
+    Layout: the mean of all scalars, then their M2 (region 0 and region 1).
+    """
+
+    REGIONS = ("running_mean", "running_m2")  # also the names of the checkpoint attachments
+
+    def __init__(self, numel: int, *, in_memory: bool, directory: Path | None = None) -> None:
+        self.numel, self.count = numel, 0
+        self.memory = torch.zeros(2, numel, dtype=torch.float32) if in_memory else None
+        self.file = None if in_memory else _scratch_file(8 * numel, directory)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def _spans(self) -> Iterable[tuple[int, int]]:
+        return ((a, min(a + STATS_BLOCK, self.numel)) for a in range(0, self.numel, STATS_BLOCK))
+
+    def _read(self, region: int, start: int, out: Tensor) -> Tensor:
+        """Scalars ``start:start + len(out)`` of a region (in ``out`` or a view of memory)."""
+        if self.memory is not None:
+            return self.memory[region, start:start + out.numel()]
+        _pread_exact(self.file.fileno(), out, 4 * (region * self.numel + start))
+        return out
+
+    def _write(self, region: int, start: int, values: Tensor) -> None:
+        if self.memory is not None:
+            self.memory[region, start:start + values.numel()].copy_(values)
+        else:
+            _pwrite_all(self.file.fileno(), values, 4 * (region * self.numel + start))
+
+    def add(self, sample: Callable[[int, int], Tensor]) -> None:
+        """Add one sample; ``sample(start, stop)`` gives its float32 CPU values there."""
+        self.count += 1
+        buffer = torch.empty(2, min(STATS_BLOCK, self.numel), dtype=torch.float32)
+        for start, stop in self._spans():
+            x = sample(start, stop)
+            mean = self._read(0, start, buffer[0, :stop - start])
+            m2 = self._read(1, start, buffer[1, :stop - start])
+            delta = x - mean
+            mean.add_(delta, alpha=1.0 / self.count)
+            m2.addcmul_(delta, x.sub_(mean))
+            if self.memory is None:
+                self._write(0, start, mean)
+                self._write(1, start, m2)
+
+    def region(self, region: int) -> Tensor:
+        """A new tensor with the whole region (the final result needs it once)."""
+        out = torch.empty(self.numel, dtype=torch.float32)
+        for start, stop in self._spans():
+            view = out[start:stop]
+            got = self._read(region, start, view)
+            if got is not view:
+                view.copy_(got)
+        return out
+
+    def writer(self, region: int) -> Callable[[BinaryIO], None]:
+        """Streams the region's raw bytes to a binary file, block by block."""
+        def write(out: BinaryIO) -> None:
+            buffer = torch.empty(min(STATS_BLOCK, self.numel), dtype=torch.float32)
+            for start, stop in self._spans():
+                out.write(_bytes(self._read(region, start, buffer[:stop - start])))
+        return write
+
+    def load(self, region: int, stream: BinaryIO, where: Path) -> None:
+        """Fill the region from the raw bytes that :meth:`writer` wrote."""
+        buffer = torch.empty(min(STATS_BLOCK, self.numel), dtype=torch.float32)
+        for start, stop in self._spans():
+            chunk = buffer[:stop - start]
+            if _readinto_exact(stream, _bytes(chunk)) < 4 * chunk.numel():
+                raise files.FileFormatError(f"{where}: {self.REGIONS[region]} is shorter than "
+                                            "the model; delete the checkpoint to start over")
+            self._write(region, start, chunk)
+        if stream.read(1):
+            raise files.FileFormatError(f"{where}: {self.REGIONS[region]} is longer than the "
+                                        "model; delete the checkpoint to start over")
+
+
+def _scratch_file(size: int, directory: Path | None) -> BinaryIO:
+    """An anonymous file of ``size`` zero bytes (gone when closed, or when the process dies)."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryFile(dir=directory)
+    try:
+        os.posix_fallocate(scratch.fileno(), 0, size)  # a full disk fails now, not mid-run
+    except OSError as err:
+        scratch.close()
+        where = directory or tempfile.gettempdir()
+        raise OSError(err.errno, f"no room for the {size >> 20} MiB scratch file of the running "
+                      f"statistics in {where} ({err.strerror}); free space there, or put the "
+                      "checkpoint (or TMPDIR without one) on a larger disk") from err
+    return scratch
+
+
+def _bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, shared, as buffer-protocol I/O wants them."""
+    return memoryview(t.numpy()).cast("B")
+
+
+def _readinto_exact(stream: BinaryIO, view: memoryview) -> int:
+    done = 0
+    while done < len(view):
+        got = stream.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _pread_exact(fd: int, out: Tensor, offset: int) -> None:
+    view, done = _bytes(out), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"scratch file of the running statistics ends at byte {offset + done}")
+        done += got
+
+
+def _pwrite_all(fd: int, values: Tensor, offset: int) -> None:
+    view, done = _bytes(values), 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
+
+
 # --- the sampler's state and its step --------------------------------------------------------
 class Sampler:
     """The whole state of one stage-1 run; :meth:`advance` takes one step of the schedule."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor],
-                 config: SamplerConfig, seed: int, device: torch.device) -> None:
+                 config: SamplerConfig, seed: int, device: torch.device, *,
+                 scratch_dir: Path | None = None) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to sample")
@@ -215,9 +352,22 @@ class Sampler:
         if config.autocast and not self.use_autocast:
             log.warning("autocast is for CUDA only; running in full precision on %s", device)
         self.step = self.epoch = self.position = 0
-        self.count = 0                      # running statistics, kept on the CPU
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
+        self.scratch_dir = scratch_dir  # where the running statistics' scratch file goes
+        self.stats: RunningStats | None = None  # made by the first sample
+
+    @property
+    def count(self) -> int:
+        """Number of lambda samples recorded."""
+        return self.stats.count if self.stats is not None else 0
+
+    def _new_stats(self) -> RunningStats:
+        return RunningStats(self.layout.numel, in_memory=self.device.type == "cuda",
+                            directory=self.scratch_dir)
+
+    def close(self) -> None:
+        """Drop the scratch file of the running statistics (also done when collected)."""
+        if self.stats is not None:
+            self.stats.close()
 
     def _optimisers(self) -> tuple[torch.optim.Optimizer | None, torch.optim.Optimizer | None]:
         if self.config.variant == "sgld":
@@ -315,20 +465,15 @@ class Sampler:
             torch._foreach_add_(self.lam_pieces, lam_grads, alpha=-self.config.lr_lambda)
 
     # --- samples and checks -------------------------------------------------------------------
+    @torch.no_grad()
     def record_sample(self) -> None:
         """Welford update of the running mean and M2 with max(lambda, floor), block by block
-        so that no full-size temporary is made (the statistics live on the CPU)."""
-        if self.mean is None:
-            self.mean = torch.zeros(self.layout.numel, dtype=torch.float32)
-            self.m2 = torch.zeros_like(self.mean)
-        self.count += 1
-        for start in range(0, self.layout.numel, STATS_BLOCK):
-            stop = min(start + STATS_BLOCK, self.layout.numel)
-            x = self.prior.scale(self.lam_flat[start:stop]).to("cpu", torch.float32)
-            mean, m2 = self.mean[start:stop], self.m2[start:stop]
-            delta = x - mean
-            mean.add_(delta, alpha=1.0 / self.count)
-            m2.addcmul_(delta, x.sub_(mean))
+        so that no full-size temporary is made."""
+        if self.stats is None:
+            self.stats = self._new_stats()
+        lam = self.lam_flat.detach()
+        self.stats.add(lambda start, stop: self.prior.scale(lam[start:stop]).to(
+            "cpu", torch.float32))
 
     def _check_loss(self, loss: float) -> None:
         if math.isfinite(loss):
@@ -351,16 +496,23 @@ class Sampler:
             "lower lr_lambda or lr_theta, or raise temperature", step=self.step, name=name)
 
     def result(self) -> ScaleResult:
-        mean = self.mean if self.mean is not None else torch.zeros(0)
-        var = self.m2 / (self.count - 1) if self.count > 1 else torch.zeros_like(mean)
-        return ScaleResult(mean=self._named(mean), var=self._named(var),
-                           n_samples=self.count, steps=self.step)
+        if self.stats is None:
+            raise RuntimeError(f"step {self.step}: no lambda sample recorded yet (samples start "
+                               f"at burnin_steps={self.config.burnin_steps})")
+        mean = self._named(self.stats.region(0))
+        var = self.stats.region(1)
+        var = var.div_(self.count - 1) if self.count > 1 else var.zero_()
+        return ScaleResult(mean=mean, var=self._named(var), n_samples=self.count,
+                           steps=self.step)
 
     def _named(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: v.clone() for n, v in zip(self.names, self.layout.views(flat), strict=True)}
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self, seed: int) -> dict[str, Any]:
+        """Everything to resume from; "mean" and "m2" name the attachments (see
+        :meth:`attachments`) that hold the running statistics, None before the first sample."""
+        regions = RunningStats.REGIONS if self.stats is not None else (None, None)
         return {
             "version": CHECKPOINT_VERSION, "seed": seed, "config": _resume_key(self.config),
             "names": self.names, "shapes": [list(s) for s in self.shapes],
@@ -370,15 +522,25 @@ class Sampler:
             "theta0": self.theta0_flat, "lam": self.lam_flat,
             "opt_theta": self.opt_theta.state_dict() if self.opt_theta else None,
             "opt_lam": self.opt_lam.state_dict() if self.opt_lam else None,
-            "count": self.count, "mean": self.mean, "m2": self.m2,
+            "count": self.count, "mean": regions[0], "m2": regions[1],
             "noise_rng": self.noise.get_state(),
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
+    def attachments(self) -> dict[str, Callable[[BinaryIO], None]]:
+        """Writers of the running statistics, streamed into the checkpoint file."""
+        if self.stats is None:
+            return {}
+        return {name: self.stats.writer(k) for k, name in enumerate(RunningStats.REGIONS)}
+
+    def save_checkpoint(self, path: Path, seed: int) -> None:
+        files.save_checkpoint(path, self.state_dict(seed), self.attachments())
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any], seed: int, path: Path) -> None:
-        """Restore everything but torch's global RNG (see :func:`_restore_global_rng`)."""
+        """Restore everything but torch's global RNG (see :func:`_restore_global_rng`); the
+        running statistics come from the attachments of the checkpoint file at ``path``."""
         _check_resumable(state, self, seed, path)
         self.model.load_state_dict(state["model"])
         self.theta0_flat.copy_(state["theta0"])
@@ -387,8 +549,15 @@ class Sampler:
             self.opt_theta.load_state_dict(state["opt_theta"])
             self.opt_lam.load_state_dict(state["opt_lam"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
         self.noise.set_state(state["noise_rng"])
+        self.close()
+        self.stats = None
+        if state["count"] > 0:
+            self.stats = self._new_stats()
+            self.stats.count = state["count"]
+            for k, name in enumerate((state["mean"], state["m2"])):
+                with files.open_checkpoint_attachment(path, name) as stream:
+                    self.stats.load(k, stream, path)
 
 
 def _resume_key(config: SamplerConfig) -> dict[str, Any]:
@@ -458,7 +627,17 @@ def sample_scales(
     config.validate()
     dev = resolve_device(device)
     model.to(dev).train()
-    sampler = Sampler(model, loss_fn, config, seed, dev)
+    scratch = Path(checkpoint_path).parent if checkpoint_path is not None else None
+    sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch)
+    try:
+        return _run(sampler, batches, checkpoint_path, seed, progress)
+    finally:
+        sampler.close()
+
+
+def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
+         checkpoint_path: Path | None, seed: int, progress: bool) -> ScaleResult:
+    config, dev = sampler.config, sampler.device
     state = files.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if state is not None:
         sampler.load_state_dict(state, seed, Path(checkpoint_path))
@@ -511,4 +690,4 @@ def _maybe_checkpoint(sampler: Sampler, path: Path | None, seed: int) -> None:
     every, step = sampler.config.checkpoint_every, sampler.step
     if path is None or not (step == sampler.config.steps or (every and step % every == 0)):
         return
-    files.save_checkpoint(path, sampler.state_dict(seed))
+    sampler.save_checkpoint(Path(path), seed)

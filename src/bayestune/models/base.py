@@ -40,5 +40,9 @@ def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch).loss
 
 
-def move_batch(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+Batch = dict[str, torch.Tensor]
+
+
+def move_batch(batch: Batch, device: torch.device | str) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
