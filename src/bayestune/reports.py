@@ -1,0 +1,445 @@
+"""Tables and figures of a benchmark run, from the files the pipeline writes.
+
+* Tables: one long row per fine-tuning run (``<benchmark>_scores.csv``), then one row per
+  (method, budget) with the mean and std over seeds of every task, x100 (``_table.csv`` and
+  ``_table.md``). For RoBERTa-base the published GLUE rows are added, marked "(published)".
+* Figures (PNG, matplotlib's Agg backend): where a mask's scalars sit (per layer and per module
+  type), score against trainable fraction, the posterior-mean lambda on a log scale, and the
+  Jaccard overlap of the methods' masks.
+
+Every file goes through :func:`bayestune.files.atomic_output`, so a killed report never
+leaves half a table behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on clusters and CI; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
+
+from bayestune import files  # noqa: E402
+from bayestune.models.base import is_head  # noqa: E402
+
+PathLike = str | os.PathLike[str]
+
+GLUE_TASKS = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
+METHOD_ORDER = ("full", "lora", "bitfit", "random", "magnitude", "fisher", "sam", "bayestune")
+FIXED_BUDGET = "-"  # budget label of methods whose trainable set is not a budget choice
+FIXED_METHODS = frozenset({"full", "lora", "bitfit"})
+
+# Published scores at budget 0.5% for RoBERTa-base, mean of 10 seeds, x100 (the SAM paper:
+# Fu et al., "On the Effectiveness of Parameter-Efficient Fine-Tuning", AAAI 2023, Table 2;
+# copied from docs/BENCHMARK.md). Columns: cola, stsb, mrpc, rte, cb, copa, wsc.
+PUBLISHED_GLUE: dict[str, tuple[float, ...]] = {  # the seven tasks, then the published AVG
+    "full fine-tuning": (58.36, 89.80, 89.55, 76.03, 88.93, 67.70, 53.10, 74.78),
+    "random mask": (58.35, 89.81, 88.73, 72.71, 90.54, 68.80, 52.88, 74.55),
+    "MixOut": (58.66, 90.15, 88.69, 77.55, 86.51, 71.30, 52.98, 75.12),
+    "BitFit": (56.67, 90.12, 87.35, 72.74, 86.96, 71.20, 55.10, 74.31),
+    "magnitude pruning": (56.57, 90.30, 88.09, 73.53, 81.25, 71.50, 55.67, 73.85),
+    "Adapter": (62.11, 90.05, 89.29, 76.93, 87.32, 69.50, 57.02, 76.03),
+    "LoRA": (60.88, 87.19, 89.53, 76.97, 84.64, 69.70, 56.84, 75.11),
+    "Diff Pruning": (58.53, 89.59, 78.79, 69.93, 86.25, 72.10, 53.37, 72.65),
+    "Child Pruning": (60.00, 89.97, 87.19, 75.76, 86.61, 69.40, 55.59, 74.93),
+    "SAM": (60.89, 90.59, 88.84, 76.79, 88.93, 74.30, 59.52, 77.12),
+}
+PUBLISHED_BUDGET = "0.005"
+PUBLISHED_MODEL = "roberta-base"
+
+_RUN_KEYS = ("method", "budget", "task", "seed", "metric", "test_score", "trainable_fraction")
+
+
+# --- tables -------------------------------------------------------------------------------------
+def budget_label(budget: object, method: str = "") -> str:
+    """A metrics.json budget as a table label: 0.005 -> "0.005"; "-" for methods whose
+    trainable set the budget does not choose (full, LoRA, BitFit: see trainable_fraction)."""
+    if method in FIXED_METHODS or isinstance(budget, bool) or budget is None:
+        return FIXED_BUDGET
+    try:
+        return format(float(budget), "g")
+    except (TypeError, ValueError):
+        return FIXED_BUDGET
+
+
+def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
+    """One row per fine-tuning run (metrics.json): scores x100, the budget as a label."""
+    rows = []
+    for path in paths:
+        record = files.read_json(path)
+        missing = [k for k in _RUN_KEYS if k not in record]
+        if missing:
+            raise files.FileFormatError(
+                f"{path}: not a fine-tuning metrics.json (missing {', '.join(missing)}); "
+                "rerun `bayestune finetune` for it")
+        rows.append({
+            "method": str(record["method"]),
+            "budget": budget_label(record["budget"], str(record["method"])),
+            "task": str(record["task"]),
+            "seed": int(record["seed"]),
+            "metric": str(record["metric"]),
+            "score": 100.0 * float(record["test_score"]),
+            "val_score": 100.0 * float(record.get("val_score", math.nan)),
+            "trainable_fraction": float(record["trainable_fraction"]),
+            "model": str(record.get("model", "")),
+        })
+    if not rows:
+        raise ValueError("no metrics.json files given; run the fine-tuning stage first")
+    scores = pd.DataFrame(rows)
+    dupes = scores.duplicated(["method", "budget", "task", "seed"])
+    if dupes.any():
+        first = scores[dupes].iloc[0]
+        raise ValueError(f"two runs of {first.method} budget {first.budget} on {first.task} seed "
+                         f"{first.seed}: pass each metrics.json once")
+    return scores
+
+
+def _task_order(tasks: Iterable[str], benchmark: str) -> list[str]:
+    if benchmark == "vtab":
+        from bayestune.tasks.vtab import TASKS as known
+    else:
+        known = GLUE_TASKS
+    present = set(tasks)
+    return [t for t in known if t in present] + sorted(present - set(known))
+
+
+def _row_order(table: pd.DataFrame) -> pd.DataFrame:
+    def key(column: pd.Series) -> pd.Series:
+        if column.name == "budget":
+            return column.map(lambda b: -1.0 if b == FIXED_BUDGET else float(b))
+        rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+        return column.map(lambda m: rank.get(m, len(rank)))
+
+    return table.sort_values(["budget", "method"], key=key, kind="stable").reset_index(drop=True)
+
+
+def make_table(scores: pd.DataFrame, benchmark: str) -> pd.DataFrame:
+    """One row per (method, budget): mean and std over seeds per task, and their average.
+
+    GLUE's ``avg`` is the plain mean of the task means; VTAB adds the three group means and
+    ``avg`` is the mean of the group means (NaN unless every group has a task), as published.
+    """
+    if benchmark not in ("glue", "vtab"):
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose glue or vtab")
+    tasks = _task_order(scores["task"], benchmark)
+    keys = ["method", "budget"]
+    stats = scores.groupby(keys + ["task"])["score"].agg(["mean", "std", "count"])
+    means = stats["mean"].unstack("task").reindex(columns=tasks)
+    stds = stats["std"].unstack("task").reindex(columns=tasks).add_suffix("_std")
+    table = pd.DataFrame(index=means.index)
+    table["trainable_fraction"] = scores.groupby(keys)["trainable_fraction"].mean()
+    table["seeds"] = stats["count"].groupby(level=keys).min()
+    table = table.join(means).join(stds)
+    if benchmark == "vtab":
+        from bayestune.tasks.vtab import GROUPS, group_means
+
+        groups = pd.DataFrame([group_means(row.dropna().to_dict()) for _, row in means.iterrows()],
+                              index=means.index)
+        table[list(GROUPS)] = groups[list(GROUPS)]
+        table["avg"] = groups["Mean"]
+    else:
+        table["avg"] = means.mean(axis=1, skipna=False)
+    return _row_order(table.reset_index())
+
+
+def published_rows(model: str, tasks: Sequence[str] = GLUE_TASKS) -> pd.DataFrame:
+    """The published GLUE rows for RoBERTa-base (empty for any other model).
+
+    ``avg`` is the published AVG when ``tasks`` are all seven, else the mean over ``tasks``,
+    so that it compares with the average of a run that covers only those tasks.
+    """
+    if model.rstrip("/").split("/")[-1] != PUBLISHED_MODEL:
+        return pd.DataFrame()
+    rows = []
+    for method, (*values, published_avg) in PUBLISHED_GLUE.items():
+        by_task = dict(zip(GLUE_TASKS, values, strict=True))
+        row = {"method": f"{method} (published)", "budget": PUBLISHED_BUDGET}
+        row.update({t: by_task[t] for t in tasks if t in by_task})
+        shown = [by_task[t] for t in tasks if t in by_task]
+        full = set(GLUE_TASKS) <= set(tasks)
+        row["avg"] = published_avg if full else (sum(shown) / len(shown) if shown else math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _markdown(table: pd.DataFrame, tasks: Sequence[str], extra: Sequence[str]) -> str:
+    def cell(mean: float, std: float) -> str:
+        if pd.isna(mean):
+            return ""
+        return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+    rows = []
+    for _, row in table.iterrows():
+        fraction = row.get("trainable_fraction", math.nan)
+        out = {"method": row["method"], "budget": row["budget"],
+               "trainable %": "" if pd.isna(fraction) else f"{100 * fraction:.3g}"}
+        for task in tasks:
+            out[task] = cell(row.get(task, math.nan), row.get(f"{task}_std", math.nan))
+        for name in extra:
+            out[name] = "" if pd.isna(row.get(name)) else f"{row[name]:.2f}"
+        rows.append(out)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def write_tables(scores: pd.DataFrame, out_dir: PathLike, benchmark: str,
+                 model: str = "") -> list[Path]:
+    """Write ``<benchmark>_scores.csv``, ``_table.csv`` and ``_table.md`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    table = make_table(scores, benchmark)
+    tasks = _task_order(scores["task"], benchmark)
+    if benchmark == "glue":
+        models = set(scores["model"]) if "model" in scores else set()
+        model = model or (models.pop() if len(models) == 1 else "")
+        table = pd.concat([table, published_rows(model, tasks)], ignore_index=True)
+    extra = (["Natural", "Specialized", "Structured"] if benchmark == "vtab" else []) + ["avg"]
+    paths = [out_dir / f"{benchmark}_{name}" for name in ("scores.csv", "table.csv", "table.md")]
+    with files.atomic_output(paths[0]) as tmp:
+        scores.to_csv(tmp, index=False)
+    with files.atomic_output(paths[1]) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    with files.atomic_output(paths[2]) as tmp:
+        tmp.write_text(_markdown(table, tasks, extra))
+    return paths
+
+
+# --- where the parameters sit -------------------------------------------------------------------
+_LAYER = re.compile(r"\.(?:layer|layers|blocks|block|h)\.(\d+)\.")
+MODULE_TYPES = ("embeddings", "attn q", "attn k", "attn v", "attn out", "ffn in", "ffn out",
+                "layernorm", "pooler", "head", "other")
+
+
+def parameter_location(name: str) -> tuple[str, str]:
+    """(layer, module type) of a parameter name, for BERT/RoBERTa (Hugging Face) and timm ViTs.
+
+    Layer is the block index as a string, ``emb`` for embeddings, ``head`` for the task head and
+    ``top`` for what sits above the blocks (final norm, pooler). A fused timm ``qkv`` tensor is
+    reported as ``attn qkv``; :func:`mask_locations` splits it into q, k and v by rows.
+    """
+    if is_head(name):
+        return "head", "head"
+    lowered = name.lower()
+    found = _LAYER.search(name)
+    embedding = "embed" in lowered or lowered.endswith(("cls_token", "dist_token", "reg_token"))
+    layer = found.group(1) if found else ("emb" if embedding else "top")
+    if "layernorm" in lowered or re.search(r"(^|\.)(norm\d*|fc_norm|ln_?\w*)\.", lowered):
+        return layer, "layernorm"
+    if embedding:
+        return layer, "embeddings"
+    if "pooler" in lowered:
+        return layer, "pooler"
+    rules = (
+        (r"\.qkv\.", "attn qkv"),
+        (r"\.(query|q_proj|q)\.", "attn q"),
+        (r"\.(key|k_proj|k)\.", "attn k"),
+        (r"\.(value|v_proj|v)\.", "attn v"),
+        (r"attention\.output\.dense\.|\.attn\.proj\.|\.(out_proj|o_proj)\.", "attn out"),
+        (r"intermediate\.dense\.|\.mlp\.fc1\.|\.fc1\.", "ffn in"),
+        (r"\.output\.dense\.|\.mlp\.fc2\.|\.fc2\.", "ffn out"),
+    )
+    for pattern, module in rules:
+        if re.search(pattern, name):
+            return layer, module
+    return layer, "other"
+
+
+def mask_locations(mask: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """Selected and total scalars per (layer, module type) of one mask."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for name, tensor in mask.items():
+        layer, module = parameter_location(name)
+        flat = tensor.bool()
+        if module == "attn qkv" and flat.shape[0] % 3 == 0:
+            parts = zip(("attn q", "attn k", "attn v"), flat.chunk(3, dim=0), strict=True)
+        else:
+            parts = [(module, flat)]
+        for part_module, part in parts:
+            entry = counts.setdefault((layer, part_module), [0, 0])
+            entry[0] += int(part.sum())
+            entry[1] += part.numel()
+    rows = [(layer, module, sel, tot) for (layer, module), (sel, tot) in counts.items()]
+    return pd.DataFrame(rows, columns=["layer", "module", "selected", "total"])
+
+
+def _layer_key(layer: str) -> tuple[int, int]:
+    if layer == "emb":
+        return (0, 0)
+    if layer.isdigit():
+        return (1, int(layer))
+    return (2, 0 if layer == "top" else 1)
+
+
+def _save(fig: plt.Figure, path: PathLike) -> Path:
+    path = Path(path)
+    with files.atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_mask_locations(masks: Mapping[str, Mapping[str, torch.Tensor]], path: PathLike) -> Path:
+    """Fraction of each layer's and each module type's scalars that each mask selects."""
+    frames = []
+    for label, mask in masks.items():
+        frame = mask_locations(mask)
+        frame["mask"] = label
+        frames.append(frame)
+    data = pd.concat(frames, ignore_index=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    for ax, by in zip(axes, ("layer", "module"), strict=True):
+        grouped = data.groupby(["mask", by], as_index=False)[["selected", "total"]].sum()
+        grouped["fraction selected"] = grouped["selected"] / grouped["total"]
+        order = (sorted(grouped[by].unique(), key=_layer_key) if by == "layer"
+                 else [m for m in MODULE_TYPES if m in set(grouped[by])])
+        sns.barplot(data=grouped, x=by, y="fraction selected", hue="mask", order=order, ax=ax)
+        shown = grouped["fraction selected"][grouped["fraction selected"] > 0]
+        if len(shown) and shown.max() > 10 * shown.min():
+            ax.set_yscale("log")  # groups span decades; one with nothing selected has no bar
+        ax.tick_params(axis="x", rotation=45)
+    axes[0].get_legend().remove()
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), title="mask")
+    axes[0].set_title("per layer (emb = embeddings, top = above the blocks)")
+    axes[1].set_title("per module type")
+    return _save(fig, path)
+
+
+# --- scores, scales, overlap --------------------------------------------------------------------
+def plot_score_vs_budget(scores: pd.DataFrame, path: PathLike) -> Path:
+    """Mean test score (x100) against trainable fraction, one panel per task."""
+    mean = scores.groupby(["task", "method", "budget"], as_index=False)[
+        ["score", "trainable_fraction"]].mean()
+    tasks = _task_order(mean["task"], "vtab" if mean["task"].str.startswith("vtab-").all()
+                        else "glue")
+    grid = sns.relplot(data=mean, x="trainable_fraction", y="score", hue="method", style="method",
+                       col="task", col_order=tasks, col_wrap=min(4, len(tasks)), kind="line",
+                       markers=True, dashes=False, height=3, facet_kws={"sharey": False})
+    grid.set(xscale="log")
+    full = mean[mean["method"] == "full"].set_index("task")["score"]
+    for task, ax in grid.axes_dict.items():
+        if task in full.index:  # full fine-tuning as the reference line across budgets
+            ax.axhline(full[task], color="grey", linestyle=":", linewidth=1)
+    grid.set_axis_labels("trainable fraction", "test score (x100)")
+    return _save(grid.figure, path)
+
+
+def plot_lambda_histogram(scales: Mapping[str, Mapping[str, torch.Tensor]], path: PathLike,
+                          budget: float | None = 0.005, bins: int = 80) -> Path:
+    """Histogram of log10 posterior-mean lambda over every scalar, one colour per scale file.
+
+    With ``budget``, a dashed line marks (to bin precision) the lambda above which BayesTune's
+    mask at that budget keeps the scalars. Counted tensor by tensor: a RoBERTa scale file has
+    125M values, too many to take the log of in one piece.
+    """
+    logs = {label: [torch.log10(t.float().clamp_min(1e-12)).reshape(-1) for t in tensors.values()]
+            for label, tensors in scales.items()}
+    low = min(float(p.min()) for parts in logs.values() for p in parts)
+    high = max(float(p.max()) for parts in logs.values() for p in parts)
+    edges = np.linspace(low, high if high > low else low + 1.0, bins + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, parts in logs.items():
+        counts = sum(np.histogram(p.numpy(), bins=edges)[0] for p in parts)
+        steps = ax.stairs(counts, edges, label=label, fill=False, linewidth=1.5)
+        if budget is not None:
+            keep = max(math.floor(budget * counts.sum()), 1)
+            from_top = np.cumsum(counts[::-1])  # scalars at or above each bin, top bin first
+            cut = edges[bins - 1 - int(np.searchsorted(from_top, keep))]
+            ax.axvline(cut, linestyle="--", linewidth=1, color=steps.get_edgecolor())
+    ax.set_yscale("log")
+    ax.set_xlabel("log10 posterior-mean lambda")
+    ax.set_ylabel("scalars")
+    title = "posterior-mean scales"
+    if budget is not None:
+        title += f" (dashed: top {100 * budget:g}% cut)"
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_mask_overlap(masks: Mapping[str, Mapping[str, torch.Tensor]], path: PathLike,
+                      title: str = "") -> Path:
+    """Jaccard overlap |A & B| / |A | B| between every pair of masks (same model and task)."""
+    from bayestune.methods import mask_overlap
+
+    overlap = mask_overlap(masks)
+    size = 1.2 + 0.7 * len(overlap)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    sns.heatmap(overlap, annot=True, fmt=".3f", vmin=0, vmax=1, cmap="viridis", square=True,
+                ax=ax, cbar_kws={"label": "Jaccard"})
+    ax.set_title(title or "mask overlap (Jaccard)")
+    return _save(fig, path)
+
+
+# --- the figures command ------------------------------------------------------------------------
+def _describe(path: Path, meta: Mapping[str, object], kind: str) -> dict[str, str]:
+    """Method/task/seed/budget of a mask or scale file: its metadata, else its path
+    (.../masks/<method>/<task>/seed<S>/p<budget>.safetensors, .../scales/<task>/seed<S>...)."""
+    parts = path.parts
+    if kind == "mask":
+        fallback = {"method": parts[-4] if len(parts) >= 4 else path.stem,
+                    "task": parts[-3] if len(parts) >= 3 else "", "budget": path.stem[1:]}
+    else:
+        fallback = {"method": "bayestune", "task": path.parent.name, "budget": ""}
+    info = {k: str(meta.get(k) or v) for k, v in fallback.items()}
+    info["seed"] = str(meta.get("seed", path.parent.name.removeprefix("seed")
+                                if kind == "mask" else path.stem.removeprefix("seed")))
+    return info
+
+
+def _by_task(entries: list[tuple[dict[str, str], dict]]) -> dict[str, dict[str, dict]]:
+    grouped: dict[str, dict[str, dict]] = {}
+    for info, tensors in entries:
+        grouped.setdefault(info["task"], {})[info["label"]] = tensors
+    return grouped
+
+
+def write_figures(out_dir: PathLike, scales: Sequence[PathLike] = (),
+                  masks: Sequence[PathLike] = (), scores_csv: PathLike | None = None) -> list[Path]:
+    """Every figure the given files allow, into ``out_dir``.
+
+    scales -> ``lambda_histogram.png``; masks -> ``mask_locations.png`` and
+    ``mask_overlap.png`` (per task; the task is appended to the name when the masks cover
+    several); scores_csv (``<benchmark>_scores.csv``) -> ``score_vs_budget.png``.
+    """
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    entries = []
+    for path in map(Path, masks):
+        tensors, meta = files.load_mask(path)
+        info = _describe(path, meta, "mask")
+        info["label"] = info["method"]
+        entries.append((info, tensors))
+    if scales:
+        loaded = {}
+        for path in map(Path, scales):
+            tensors, meta = files.load_scales(path)
+            info = _describe(path, meta, "scales")
+            loaded[f"{info['task']} seed {info['seed']}"] = tensors
+        # The cut drawn is the budget of the masks shown beside it (0.5% without masks).
+        try:
+            budget = float(entries[0][0]["budget"]) if entries else 0.005
+        except ValueError:
+            budget = 0.005
+        written.append(plot_lambda_histogram(loaded, out_dir / "lambda_histogram.png", budget))
+    if entries:
+        grouped = _by_task(entries)
+        for task, task_masks in grouped.items():
+            suffix = f"_{task}" if len(grouped) > 1 else ""
+            written.append(plot_mask_locations(task_masks, out_dir / f"mask_locations{suffix}.png"))
+            budget = entries[0][0]["budget"]
+            written.append(plot_mask_overlap(task_masks, out_dir / f"mask_overlap{suffix}.png",
+                                             title=f"{task}: mask overlap at budget {budget}"))
+    if scores_csv is not None:
+        scores = pd.read_csv(scores_csv, dtype={"budget": str})
+        written.append(plot_score_vs_budget(scores, out_dir / "score_vs_budget.png"))
+    if not written:
+        raise ValueError("nothing to plot: give --scales, --masks or --scores-csv")
+    return written

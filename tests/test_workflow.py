@@ -1,0 +1,358 @@
+"""The Snakemake workflow, its SLURM profile and the DVC stages, run as a user runs them.
+
+* dry runs of the paper's configs: job counts per rule, and every shell command the rules
+  would run parses with the real `bayestune` command line (flags and CLI stay in step);
+* the SLURM profile against stub `sbatch`/`sacctmgr`/... scripts: GPU rules ask for a GPU;
+* the tiny config end to end through `dvc repro` (tables, figures, then nothing to redo);
+* a stage-1 job killed mid-run resumes from its checkpoint when the command is rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from bayestune.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: snakemake, dvc and bayestune live there
+WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".dvcignore",
+                  "tests/config"]
+GLUE_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
+ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "fisher", "sam", "lora"}
+
+
+def copy_workflow(dst: Path) -> Path:
+    """The workflow without results: runs in tests never touch the repository's own folders."""
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def run_env(glue_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("SNAKEMAKE_PROFILE", None)
+    if glue_dir is not None:
+        env["BAYESTUNE_GLUE_DIR"] = str(glue_dir)
+    env.update(extra)
+    return env
+
+
+def snakemake(cwd: Path, *args: str, env: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, env=env or run_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a (dry) run: rule -> number of jobs."""
+    table = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def write_config(path: Path, base: Path, **changes) -> Path:
+    config = yaml.safe_load(base.read_text())
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# --- dry runs of the paper's configs -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return copy_workflow(tmp_path_factory.mktemp("workflow"))
+
+
+@pytest.fixture(scope="module")
+def dry_run(workdir):
+    """`snakemake -n -p` on a config, once per config for the whole module."""
+    done: dict[str, str] = {}
+
+    def run(config: str) -> str:
+        if config not in done:
+            result = snakemake(workdir, "-n", "-p", "--cores", "1", "--configfile", config)
+            assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+            done[config] = result.stdout
+        return done[config]
+
+    return run
+
+
+def bayestune_commands(output: str) -> dict[str, list[list[str]]]:
+    """Every shell command of a dry run, as argv after `bayestune`, grouped by subcommand."""
+    commands: dict[str, list[list[str]]] = {}
+    for line in output.splitlines():
+        if not line.startswith("Shell command: ") or "bayestune" not in line:
+            continue
+        argv = shlex.split(line.removeprefix("Shell command: ").split(" > ", 1)[0])
+        argv = argv[argv.index("bayestune") + 1:]
+        argv = [a for a in argv if a != "-q"]
+        commands.setdefault(argv[0], []).append(argv)
+    return commands
+
+
+def test_schema_sections_are_the_dataclass_fields():
+    """Config sections become flags: their keys must be exactly the dataclasses' fields."""
+    import dataclasses
+
+    from bayestune.finetune import FinetuneConfig
+    from bayestune.methods import LoraSettings, MethodConfig
+    from bayestune.sampler import SamplerConfig
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    sections = {
+        "sampler": (schema["properties"]["sampler"], SamplerConfig, {"batch_size",
+                                                                    "eval_batch_size"}),
+        "mask": (schema["properties"]["mask"], MethodConfig, {"batch_size"}),
+        "finetune": (schema["definitions"]["finetune"], FinetuneConfig, {"batch_size",
+                                                                         "eval_batch_size"}),
+        "lora": (schema["properties"]["lora"], LoraSettings, set()),
+    }
+    for name, (section, cls, cli_only) in sections.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(section["properties"]) == fields | cli_only, name
+        assert section["additionalProperties"] is False, name
+
+
+def test_paper_config_is_the_paper():
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    assert config["model"] == "roberta-base" and config["tasks"] == GLUE_TASKS
+    assert 0.005 in config["budgets"] and set(config["methods"]) == ALL_METHODS
+    sampler = config["sampler"]
+    assert (sampler["steps"], sampler["warmup_steps"], sampler["burnin_steps"],
+            sampler["thinning"], sampler["temperature"]) == (20000, 10000, 12000, 100, 1e12)
+    assert config["finetune"]["lr"] == 1e-3 and config["max_length"] == 256
+
+
+def test_paper_dry_run_job_counts(workdir, dry_run):
+    config = yaml.safe_load((workdir / "config/config.yaml").read_text())
+    tasks, seeds, budgets = len(config["tasks"]), len(config["seeds"]), len(config["budgets"])
+    counts = job_counts(dry_run("config/config.yaml"))
+    budgeted = len({"bayestune", "random", "magnitude", "fisher", "sam"})
+    runs_per_task_seed = budgeted * budgets + 3  # + bitfit, full, lora: one run each
+    assert counts == {
+        "prepare": tasks,
+        "sample": tasks * seeds,
+        "mask": budgeted * tasks * seeds,          # one job writes every budget's mask
+        "mask_fixed": tasks * seeds,               # bitfit
+        "finetune": runs_per_task_seed * tasks * seeds,
+        "task_figures": tasks,
+        "report": 1,
+        "score_figure": 1,
+        "all": 1,
+        "total": sum(counts.values()) - counts["total"],
+    }
+    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 630, 892)
+
+
+@pytest.mark.parametrize("config", ["config/config.yaml", "config/vtab.yaml",
+                                    "config/demo.yaml", "config/cpu.yaml"])
+def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
+    commands = bayestune_commands(dry_run(config))
+    assert set(commands) == {"prepare", "sample", "mask", "finetune", "report", "figures"}
+    parser = build_parser()
+    for argvs in commands.values():
+        variants = {tuple(a for a in argv if a.startswith("-")): argv for argv in argvs}
+        for argv in variants.values():  # one command of each flag set: every method, etc.
+            parser.parse_args(argv)  # exits (fails the test) on an unknown or malformed flag
+    sample = parser.parse_args(commands["sample"][0])
+    ours = yaml.safe_load((workdir / config).read_text())["sampler"]
+    for key, value in ours.items():
+        assert getattr(sample, key) == value, key
+    assert str(sample.checkpoint).endswith(".ckpt")
+
+
+# --- SLURM profile, stub cluster ---------------------------------------------------------------
+STUB = """#!/bin/sh
+echo "$(basename "$0") $*" >> "{log}"
+{body}
+"""
+STUB_BODIES = {
+    "sbatch": 'cat > /dev/null; echo $(( $(wc -l < "{log}") + 1000 ))',
+    "sacctmgr": "echo testacct",
+    "sshare": "echo testacct",
+}
+
+
+@pytest.mark.slow
+def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
+    stubs, calls = tmp_path / "bin", tmp_path / "calls.log"
+    stubs.mkdir()
+    calls.touch()
+    for tool in ("sbatch", "sacctmgr", "sshare", "sinfo", "squeue", "sacct", "scancel", "scontrol"):
+        script = stubs / tool
+        script.write_text(STUB.format(log=calls, body=STUB_BODIES.get(tool, "").format(log=calls)))
+        script.chmod(0o755)
+    run = copy_workflow(tmp_path / "run")
+    config = write_config(run / "slurm.yaml", run / "tests/config/tiny.yaml", device="auto",
+                          tasks=["cb"], methods=["full"], resources={})  # paper-size resources
+    # Inputs that exist already, so that each kind of job is submitted at once:
+    (run / "data/tiny/cb").mkdir(parents=True)
+    metrics = run / "results/tiny/finetune/full/cb/all/seed0"
+    metrics.mkdir(parents=True)
+    (metrics / "metrics.json").write_text("{}")
+    (metrics / "delta.safetensors").write_text("")
+    targets = ["results/tiny/glue_table.csv",                       # report: no GPU
+               "results/tiny/scales/cb/seed0.safetensors",          # sample: GPU
+               "results/tiny/finetune/full/cb/all/seed1/metrics.json",  # finetune: GPU
+               "results/tiny/masks/fisher/cb/seed0/p0.005.safetensors",  # gradient mask: GPU
+               "results/tiny/masks/random/cb/seed0/p0.005.safetensors"]  # random mask: no GPU
+    env = run_env(SLURM_ACCOUNT="testacct", SLURM_PARTITION="testpart")
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), *targets, "--profile", "profiles/slurm", "--configfile",
+         str(config)], cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(line.startswith("sbatch") for line in calls.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.5)
+    if proc.poll() is None:  # the fake jobs never finish: stop Snakemake once all are submitted
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Snakemake cancels its jobs and exits
+    try:
+        output = proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0]
+    sbatch = [line for line in calls.read_text().splitlines() if line.startswith("sbatch")]
+    assert len(sbatch) == 5, output[-4000:]
+    by_rule = {}
+    for line in sbatch:
+        comment = re.search(r"--comment '?rule_([a-z_]+?)(?:_wildcards_(\S+?))?'?\s", line)
+        by_rule[(comment.group(1), comment.group(2) or "")] = line
+    print("\n".join(sbatch))
+    for (rule, wildcards), line in by_rule.items():
+        assert "-A testacct" in line and "-p testpart" in line, line
+        assert re.search(r" -t \d+", line) and re.search(r"--mem \d+", line), line
+        wants_gpu = rule in ("sample", "finetune") or "fisher" in wildcards
+        assert ("--gpus=1" in line) == wants_gpu, line
+        assert "--gres" not in line
+        # a rule's threads become its CPUs, whatever the machine that submits has
+        assert f"--cpus-per-task={4 if rule != 'report' else 1}" in line or "bitfit" in line, line
+    assert {rule for rule, _ in by_rule} == {"report", "sample", "finetune", "mask"}
+
+
+# --- end to end through DVC ----------------------------------------------------------------------
+def dvc(cwd: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, glue_dir):
+    """The tiny config through `dvc repro` once: a copy of dvc.yaml's glue stage, tiny entry."""
+    run = copy_workflow(tmp_path_factory.mktemp("dvc"))
+    stages = yaml.safe_load((run / "dvc.yaml").read_text())
+    tiny = {"config": "tests/config/tiny.yaml", "results": "results/tiny", "data": "data/tiny"}
+    stages["stages"]["glue"]["foreach"] = {"tiny": tiny}
+    del stages["stages"]["vtab"]
+    (run / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    # DVC hashes the stage's deps: give it the sources (the run itself imports the installed
+    # package, which is this repository's src).
+    shutil.copytree(REPO / "src/bayestune", run / "src/bayestune",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = run_env(glue_dir)
+    assert dvc(run, "init", "--no-scm", env=env).returncode == 0
+    started = time.monotonic()
+    first = dvc(run, "repro", "glue@tiny", env=env)
+    seconds = time.monotonic() - started
+    logs = "\n".join(f"{p}:\n{p.read_text()[-1500:]}" for p in (run / "results/tiny/logs").rglob(
+        "*.log")) if first.returncode else ""
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:] + logs
+    return run, env, first, seconds
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_tables_and_figures(tiny_run):
+    run, _, _, seconds = tiny_run
+    print(f"tiny run through dvc repro: {seconds:.0f} s")
+    results = run / "results/tiny"
+    table = pd.read_csv(results / "glue_table.csv", dtype={"budget": str})
+    rows = set(zip(table.method, table.budget, strict=True))
+    assert rows == {("full", "-"), ("bayestune", "0.005"), ("bayestune", "0.02"),
+                    ("random", "0.005"), ("random", "0.02")}
+    assert table[["cb", "copa", "avg"]].notna().all().all()
+    assert table[["cb", "copa"]].ge(0).all().all() and table[["cb", "copa"]].le(100).all().all()
+    masked = table[table.budget == "0.005"].trainable_fraction
+    assert masked.between(0.004, 0.006).all()
+    assert table[table.method == "full"].trainable_fraction.item() == 1.0
+    assert "± " not in (results / "glue_table.md").read_text()  # one seed: no std to show
+    scores = pd.read_csv(results / "glue_scores.csv")
+    assert len(scores) == 10 and set(scores.task) == {"cb", "copa"}
+    figures = ["score_vs_budget.png"] + [f"{task}/{name}" for task in ("cb", "copa") for name in
+                                         ("lambda_histogram.png", "mask_locations.png",
+                                          "mask_overlap.png")]
+    for name in figures:
+        assert (results / "figures" / name).stat().st_size > 1000, name
+    assert not list((results / "scales").rglob("*.ckpt"))  # finished runs drop their checkpoint
+
+
+@pytest.mark.slow
+def test_dvc_repro_again_does_nothing(tiny_run):
+    run, env, _, _ = tiny_run
+    again = dvc(run, "repro", "glue@tiny", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
+    assert dvc(run, "status", "-q", env=env).returncode == 0
+    lock = yaml.safe_load((run / "dvc.lock").read_text())["stages"]["glue@tiny"]
+    tracked = {out["path"] for out in lock["outs"]}
+    assert {"data/tiny", "results/tiny/scales", "results/tiny/masks",
+            "results/tiny/finetune"} <= tracked
+    assert "tests/config/tiny.yaml" in lock["params"]
+
+
+# --- resume after a kill ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, glue_dir):
+    run = copy_workflow(tmp_path / "run")
+    tiny = yaml.safe_load((run / "tests/config/tiny.yaml").read_text())
+    config = write_config(run / "resume.yaml", run / "tests/config/tiny.yaml", tasks=["cb"],
+                          sampler={**tiny["sampler"], "steps": 24, "checkpoint_every": 8})
+    target = "results/tiny/scales/cb/seed0.safetensors"
+    command = [str(BIN / "snakemake"), target, "--cores", "1", "--rerun-incomplete",
+               "--configfile", str(config)]
+    checkpoint = run / "results/tiny/scales/cb/seed0.ckpt"
+    proc = subprocess.Popen(command, cwd=run, env=run_env(glue_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), proc.communicate(timeout=60)[0][-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)  # Ctrl-C / a scheduler's kill, mid stage 1
+    first = proc.communicate(timeout=60)[0]
+    assert not (run / target).exists(), "the sampler finished before it was killed"
+    assert checkpoint.exists()
+
+    second = subprocess.run(command, cwd=run, env=run_env(glue_dir), capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + first[-2000:]
+    log = (run / "results/tiny/logs/sample/cb/seed0.log").read_text()
+    resumed = re.search(r"resum\w*\b.*?\bstep (\d+)", log)
+    assert resumed and int(resumed.group(1)) in (8, 16), log[-2000:]
+    assert (run / target).exists() and not checkpoint.exists()
+    assert job_counts(second.stdout + second.stderr) == {"sample": 1, "total": 1}  # not prepare

@@ -1,0 +1,210 @@
+"""Paths, input functions and command-line flags shared by every rule file.
+
+All knowledge of the file layout lives here, so the rule files only wire files to
+`bayestune` subcommands:
+
+    {prepared_dir}/{task}/                                       prepared task data
+    {results_dir}/scales/{task}/seed{S}.safetensors              posterior-mean lambda
+    {results_dir}/scales/{task}/seed{S}.ckpt                     sampler checkpoint (resume)
+    {results_dir}/masks/{method}/{task}/seed{S}/p{budget}.safetensors
+    {results_dir}/finetune/{method}/{task}/{label}/seed{S}/{metrics.json,delta.safetensors}
+    {results_dir}/{benchmark}_scores.csv, _table.csv, _table.md, figures/
+
+{label} is p{budget} for mask methods (bitfit's fixed mask is filed under main_budget),
+`all` for full fine-tuning and `lora` for LoRA.
+"""
+
+import os
+import re
+import shlex
+
+RES = config["results_dir"].rstrip("/")
+PREP = config["prepared_dir"].rstrip("/")
+BENCH = config["benchmark"]
+TASKS = list(config["tasks"])
+SEEDS = list(config["seeds"])
+BUDGETS = list(config["budgets"])
+MAIN_BUDGET = config["main_budget"]
+METHODS = list(config["methods"])
+
+BUDGETED = ["bayestune", "random", "magnitude", "fisher", "sam"]  # one mask per budget
+FIXED = ["bitfit"]  # mask fixed by the architecture: one mask, filed under main_budget
+UNMASKED = {"full": "all", "lora": "lora"}  # no mask file; their budget folder's label
+GRADIENT = ["magnitude", "fisher", "sam"]  # score masks from training data: data + a GPU
+
+MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
+# Locally `gpu` limits nothing unless --resources gpu=N; on SLURM gpu=1 becomes --gpus=1.
+GPU = 0 if config["device"] == "cpu" else 1
+BAYESTUNE = "bayestune" if config["progress"] else "bayestune -q"
+
+if MAIN_BUDGET not in BUDGETS and any(m in BUDGETED for m in METHODS):
+    raise ValueError(
+        f"main_budget {MAIN_BUDGET} is not one of budgets {BUDGETS}: the mask figures compare "
+        "methods at main_budget; add it to budgets or set main_budget to one of them"
+    )
+
+_DEFAULT_RESOURCES = {
+    # threads, mem_mb, runtime (minutes) at paper scale; config key `resources` overrides.
+    "prepare": {"threads": 1, "mem_mb": 8000, "runtime": 60},
+    "sample": {"threads": 4, "mem_mb": 32000, "runtime": 480},
+    "mask": {"threads": 4, "mem_mb": 16000, "runtime": 60},
+    "finetune": {"threads": 4, "mem_mb": 16000, "runtime": 240},
+    "report": {"threads": 1, "mem_mb": 4000, "runtime": 30},
+}
+
+
+def res(rule_name, key):
+    return config["resources"][rule_name].get(key, _DEFAULT_RESOURCES[rule_name][key])
+
+
+def budget_label(budget):
+    """Same as the CLI's file names: p + format(budget, 'g'), e.g. p0.005."""
+    return f"p{format(budget, 'g')}"
+
+
+def budgets_flag(budgets):
+    return ",".join(format(b, "g") for b in budgets)
+
+
+def _flag_value(value):
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # 1e12 -> 1000000000000, which int and float options both read
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def cli_flags(options, prefix=""):
+    """Config section -> flags, as the CLI generates them from dataclass fields."""
+    parts = []
+    for key, value in options.items():
+        name = (prefix + key).replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            parts.append(f"--{name} {shlex.quote(_flag_value(value))}")
+    return " ".join(parts)
+
+
+def data_dir_flag():
+    """--data-dir from the environment or the config; none lets the CLI use the hub."""
+    env, key = ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
+    path = os.environ.get(env) or config.get(key)
+    return f"--data-dir {shlex.quote(str(path))}" if path else ""
+
+
+# --- paths ------------------------------------------------------------------------------------
+def prepared(task):
+    return f"{PREP}/{task}"
+
+
+def scale_file(task, seed):
+    return f"{RES}/scales/{task}/seed{seed}.safetensors"
+
+
+def checkpoint_file(task, seed):
+    return f"{RES}/scales/{task}/seed{seed}.ckpt"
+
+
+def mask_file(method, task, seed, label):
+    return f"{RES}/masks/{method}/{task}/seed{seed}/{label}.safetensors"
+
+
+def run_dir(method, task, label, seed):
+    return f"{RES}/finetune/{method}/{task}/{label}/seed{seed}"
+
+
+def labels_of(method):
+    if method in UNMASKED:
+        return [UNMASKED[method]]
+    if method in FIXED:
+        return [budget_label(MAIN_BUDGET)]
+    return [budget_label(b) for b in BUDGETS]
+
+
+def mask_budgets(method):
+    return [MAIN_BUDGET] if method in FIXED else BUDGETS
+
+
+# --- input functions --------------------------------------------------------------------------
+def mask_inputs(wildcards):
+    """What a mask method reads: bayestune the scale file, gradient methods the task data."""
+    inputs = {}
+    if wildcards.method == "bayestune":
+        inputs["scores"] = scale_file(wildcards.task, wildcards.seed)
+    if wildcards.method in GRADIENT:
+        inputs["data"] = prepared(wildcards.task)
+    return inputs
+
+
+def mask_options(wildcards):
+    return " ".join(f"--{kind} {path}" for kind, path in mask_inputs(wildcards).items())
+
+
+def finetune_inputs(wildcards):
+    inputs = {"data": prepared(wildcards.task)}
+    if wildcards.method not in UNMASKED:
+        inputs["mask"] = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label)
+    return inputs
+
+
+def finetune_source(wildcards, input):
+    """--mask FILE for mask methods, --method full|lora (+ LoRA flags) otherwise."""
+    if wildcards.method == "lora":
+        return "--method lora " + cli_flags(config["lora"], prefix="lora_")
+    if wildcards.method in UNMASKED:
+        return f"--method {wildcards.method}"
+    return f"--mask {input.mask}"
+
+
+def finetune_flags(wildcards):
+    """The finetune section with the method's own overrides (full fine-tuning wants a far
+    smaller learning rate than a 0.5% mask)."""
+    overrides = config["finetune_by_method"].get(wildcards.method, {})
+    return cli_flags({**config["finetune"], **overrides})
+
+
+def all_metrics():
+    return [
+        f"{run_dir(method, task, label, seed)}/metrics.json"
+        for method in METHODS
+        for task in TASKS
+        for label in labels_of(method)
+        for seed in SEEDS
+    ]
+
+
+def figure_masks(wildcards):
+    """Each mask method's mask at main_budget, first seed: what the mask figures compare."""
+    return [mask_file(m, wildcards.task, SEEDS[0], budget_label(MAIN_BUDGET)) for m in MASK_METHODS]
+
+
+def figure_scales(wildcards):
+    return [scale_file(wildcards.task, SEEDS[0])] if "bayestune" in METHODS else []
+
+
+def task_figures(task):
+    names = []
+    if "bayestune" in METHODS:
+        names.append("lambda_histogram.png")
+    if MASK_METHODS:
+        names += ["mask_locations.png", "mask_overlap.png"]
+    return [f"{RES}/figures/{task}/{name}" for name in names]
+
+
+def table_files():
+    return [f"{RES}/{BENCH}_{name}" for name in ("scores.csv", "table.csv", "table.md")]
+
+
+def all_targets():
+    figures = [f for task in TASKS for f in task_figures(task)]
+    return table_files() + figures + [f"{RES}/figures/score_vs_budget.png"]
+
+
+wildcard_constraints:
+    task="|".join(map(re.escape, TASKS)),
+    seed=r"\d+",
+    method="|".join(BUDGETED + FIXED + list(UNMASKED)),
+    label=r"p[0-9.e+-]+|all|lora",

@@ -1,0 +1,29 @@
+# Stage 2: restart from theta0 and fine-tune the masked scalars (or everything, or LoRA);
+# writes the test/val scores and the sparse delta theta - theta0.
+
+
+rule finetune:
+    input:
+        unpack(finetune_inputs),
+    output:
+        metrics=f"{RES}/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}/metrics.json",
+        delta=f"{RES}/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}/delta.safetensors",
+    log:
+        f"{RES}/logs/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}.log",
+    params:
+        cli=BAYESTUNE,
+        model=config["model"],
+        device=config["device"],
+        out_dir=lambda wc: run_dir(wc.method, wc.task, wc.label, wc.seed),
+        source=finetune_source,
+        flags=finetune_flags,
+    threads: res("finetune", "threads")
+    resources:
+        gpu=GPU,
+        mem_mb=res("finetune", "mem_mb"),
+        runtime=res("finetune", "runtime"),
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cli} finetune --task {wildcards.task}"
+        " --model {params.model:q} --data {input.data} --seed {wildcards.seed}"
+        " --out-dir {params.out_dir} --device {params.device} {params.source} {params.flags}"
+        " > {log} 2>&1"

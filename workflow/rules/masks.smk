@@ -1,0 +1,54 @@
+# Masks: every method writes one mask per budget from one ranking (nested masks); bitfit's
+# mask is fixed by the architecture and written once, under main_budget.
+
+
+rule mask:
+    input:
+        unpack(mask_inputs),
+    output:
+        [mask_file("{method}", "{task}", "{seed}", budget_label(b)) for b in BUDGETS],
+    wildcard_constraints:
+        method="|".join(BUDGETED),
+    log:
+        f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
+    params:
+        cli=BAYESTUNE,
+        model=config["model"],
+        device=config["device"],
+        budgets=budgets_flag(BUDGETS),
+        out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
+        inputs=mask_options,
+        flags=cli_flags(config["mask"]),
+    threads: res("mask", "threads")
+    resources:
+        gpu=lambda wc: GPU if wc.method in GRADIENT else 0,
+        mem_mb=res("mask", "mem_mb"),
+        runtime=res("mask", "runtime"),
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
+        " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
+        " --budgets {params.budgets} --out-dir {params.out_dir} --device {params.device}"
+        " {params.inputs} {params.flags} > {log} 2>&1"
+
+
+rule mask_fixed:
+    output:
+        mask_file("{method}", "{task}", "{seed}", budget_label(MAIN_BUDGET)),
+    wildcard_constraints:
+        method="|".join(FIXED),
+    log:
+        f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
+    params:
+        cli=BAYESTUNE,
+        model=config["model"],
+        budgets=budgets_flag([MAIN_BUDGET]),
+        out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
+        flags=cli_flags(config["mask"]),
+    threads: 1
+    resources:
+        mem_mb=res("mask", "mem_mb"),
+        runtime=res("mask", "runtime"),
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
+        " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
+        " --budgets {params.budgets} --out-dir {params.out_dir} {params.flags} > {log} 2>&1"

@@ -1,0 +1,29 @@
+# Stage 1: SGLD sampling of the scales lambda; the posterior mean goes to the scale file.
+# The checkpoint is a param, not an output: Snakemake then never deletes it when the job fails
+# or is killed, and rerunning the same command resumes the sampler from it.
+
+
+rule sample:
+    input:
+        data=lambda wc: prepared(wc.task),
+    output:
+        f"{RES}/scales/{{task}}/seed{{seed}}.safetensors",
+    log:
+        f"{RES}/logs/sample/{{task}}/seed{{seed}}.log",
+    params:
+        cli=BAYESTUNE,
+        model=config["model"],
+        device=config["device"],
+        checkpoint=lambda wc: checkpoint_file(wc.task, wc.seed),
+        flags=cli_flags(config["sampler"]),
+    threads: res("sample", "threads")
+    priority: 10  # the longest chain (sample -> mask -> finetune) starts first
+    resources:
+        gpu=GPU,
+        mem_mb=res("sample", "mem_mb"),
+        runtime=res("sample", "runtime"),
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cli} sample --task {wildcards.task}"
+        " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output}"
+        " --checkpoint {params.checkpoint} --device {params.device} {params.flags}"
+        " > {log} 2>&1"
