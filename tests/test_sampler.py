@@ -415,7 +415,7 @@ def test_defaults_are_the_paper_settings():
 def test_cuda_without_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    with pytest.raises(SamplerConfigError, match="no GPU"):
+    with pytest.raises(ValueError, match="no GPU"):
         run(small_config(), device="cuda")
 
 

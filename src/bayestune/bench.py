@@ -195,7 +195,7 @@ def _import_everything() -> None:
 
 def memory_job(job: dict) -> dict:
     """Peak memory of one configuration; a fresh process has nothing else in it."""
-    from bayestune.finetune import resolve_device
+    from bayestune.models.base import resolve_device
 
     device = resolve_device(job["device"])
     _import_everything()  # module imports are not the configuration's memory
@@ -219,7 +219,7 @@ def timing_job(job: dict) -> dict:
     On a shared machine the load drifts over minutes; taking the configurations' steps in turn
     (in a rotating order) exposes each to the same drift, so the ratios stay fair.
     """
-    from bayestune.finetune import resolve_device
+    from bayestune.models.base import resolve_device
 
     device = resolve_device(job["device"])
     workdir = Path(job["workdir"]) / "timing"

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from bayestune.files import check_matches_model
-from bayestune.models.base import TaskModel, move_batch
+from bayestune.models.base import TaskModel, move_batch, resolve_device
 from bayestune.tasks.base import TaskData, TaskSpec, evaluate
 
 
@@ -64,12 +64,6 @@ class FinetuneResult:
     trainable_fraction: float
     wall_seconds: float
     history: list[tuple[int, float, float]] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class FullUpdater:

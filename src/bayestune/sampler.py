@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayestune import files
-from bayestune.models.base import move_batch
+from bayestune.models.base import move_batch, resolve_device
 from bayestune.prior import FlatLayout, LaplaceGammaPrior
 
 log = logging.getLogger(__name__)
@@ -163,15 +163,6 @@ class ScaleResult:
 def write_scale_file(path: str | Path, result: ScaleResult, config: SamplerConfig, *,
                      seed: int, model_id: str) -> None:
     files.save_scales(path, result.mean, result.metadata(config, seed=seed, model_id=model_id))
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SamplerConfigError("device cuda requested but no GPU is visible; use --device cpu")
-    return device
 
 
 # --- the running statistics ------------------------------------------------------------------

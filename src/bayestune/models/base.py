@@ -46,3 +46,13 @@ Batch = dict[str, torch.Tensor]
 def move_batch(batch: Batch, device: torch.device | str) -> Batch:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is the GPU when one is visible; asking for CUDA without one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no GPU is visible; use --device cpu")
+    return device
