@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 MODELS = ("minilm", "roberta-base-random", "tiny-random")
 CONFIGS = ("full", "stage1", "stage2")
 BATCH_SIZE, SEQ_LEN, BUDGET = 16, 128, 0.005
-GOALS = {"stage2_step_ratio": 1.05, "stage2_peak_mem_ratio": 0.9}
+# Limits on the ratios to plain AdamW full fine-tuning (on a GPU the stage-1 step aims at 1.1).
+GOALS = {"stage1_step_ratio": 1.2, "stage1_peak_mem_ratio": 1.35, "stage2_step_ratio": 1.05,
+         "stage2_peak_mem_ratio": 0.9, "delta_bytes_ratio": 0.02}
 MEMORY_STEPS = 3
 
 
