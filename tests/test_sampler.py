@@ -12,9 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bayestune import files
+from bayestune import running_stats as running_stats_module
 from bayestune import sampler as sampler_module
+from bayestune.running_stats import RunningStats
 from bayestune.sampler import (
-    RunningStats,
     Sampler,
     SamplerConfig,
     SamplerConfigError,
@@ -248,7 +249,7 @@ def test_running_statistics_on_disk_match_memory_and_stay_out_of_the_process(mon
     if not Path("/proc/self/status").exists():
         pytest.skip("needs Linux /proc")
     numel = 1 << 22  # 16 MiB per region: 32 MiB in all, which the file keeps out of the RSS
-    monkeypatch.setattr(sampler_module, "STATS_BLOCK", 1 << 16)
+    monkeypatch.setattr(running_stats_module, "STATS_BLOCK", 1 << 16)
     samples = [torch.rand(numel) for _ in range(3)]
     warm = RunningStats(10, in_memory=False)  # first use loads what the I/O path needs
     warm.add(lambda start, stop: torch.rand(stop - start))
