@@ -17,6 +17,7 @@ All knowledge of the file layout lives here, so the rule files only wire files t
 import os
 import re
 import shlex
+import sys
 
 RES = config["results_dir"].rstrip("/")
 PREP = config["prepared_dir"].rstrip("/")
@@ -35,7 +36,9 @@ GRADIENT = ["magnitude", "fisher", "sam"]  # score masks from training data: dat
 MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
 # Locally `gpu` limits nothing unless --resources gpu=N; on SLURM gpu=1 becomes --gpus=1.
 GPU = 0 if config["device"] == "cpu" else 1
-BAYESTUNE = "bayestune" if config["progress"] else "bayestune -q"
+# The package's command line from the Python running Snakemake, so a run needs no activated
+# virtual environment (cluster jobs start the same interpreter from the shared file system).
+BAYESTUNE = shlex.quote(sys.executable) + " -m bayestune" + ("" if config["progress"] else " -q")
 
 if MAIN_BUDGET not in BUDGETS and any(m in BUDGETED for m in METHODS):
     raise ValueError(
