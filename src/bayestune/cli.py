@@ -53,10 +53,6 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
-def budget_label(budget: float) -> str:
-    return f"p{format(budget, 'g')}"
-
-
 # --- subcommands ----------------------------------------------------------------------------
 def cmd_prepare(args: argparse.Namespace) -> None:
     from bayestune.tasks import prepare_task
@@ -91,7 +87,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_mask(args: argparse.Namespace) -> None:
     from bayestune import files
-    from bayestune.masks import mask_metadata
+    from bayestune.masks import mask_file_name, mask_metadata
     from bayestune.methods import MethodConfig, ranking_options, select_masks
     from bayestune.models.base import task_loss
     from bayestune.tasks import build_task_model, load_task_data
@@ -114,7 +110,7 @@ def cmd_mask(args: argparse.Namespace) -> None:
     for budget, mask in masks.items():
         meta = mask_metadata(mask, budget, method=args.method, **options, task=args.task,
                              seed=args.seed, model=model.model_id, **method_params)
-        files.save_mask(Path(args.out_dir) / f"{budget_label(budget)}.safetensors", mask, meta)
+        files.save_mask(Path(args.out_dir) / mask_file_name(budget), mask, meta)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

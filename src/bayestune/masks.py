@@ -163,6 +163,11 @@ def masks_from_scores(
     return _global_masks(scores, budgets, keep_head, head_counts_toward_budget)
 
 
+def mask_file_name(budget: float) -> str:
+    """The file of one budget's mask in a method's mask folder: 0.005 -> p0.005.safetensors."""
+    return f"p{format(budget, 'g')}.safetensors"
+
+
 def mask_metadata(
     mask: Mapping[str, torch.Tensor],
     budget: float,

@@ -19,6 +19,8 @@ import re
 import shlex
 import sys
 
+from bayestune.masks import mask_file_name
+
 RES = config["results_dir"].rstrip("/")
 PREP = config["prepared_dir"].rstrip("/")
 BENCH = config["benchmark"]
@@ -61,8 +63,8 @@ def res(rule_name, key):
 
 
 def budget_label(budget):
-    """Same as the CLI's file names: p + format(budget, 'g'), e.g. p0.005."""
-    return f"p{format(budget, 'g')}"
+    """The budget's folder/file stem, e.g. p0.005: the package names mask files."""
+    return mask_file_name(budget).removesuffix(".safetensors")
 
 
 def budgets_flag(budgets):
