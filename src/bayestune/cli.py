@@ -182,6 +182,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print_table(run_bench(args.out, model=args.model, steps=args.steps, device=args.device))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from bayestune import sweep
+
+    config = sweep.read_yaml(args.config)
+    for key, value in (("model", args.model), ("prepared_dir", args.prepared_dir)):
+        if value is not None:
+            config[key] = value
+    jobs = sweep.grid_jobs(sweep.read_yaml(args.grid), args.tasks or config["tasks"],
+                           args.seeds or config["seeds"])
+    table = sweep.run_sweep(config, jobs, args.out, device=args.device, workers=args.workers)
+    print(sweep.summarise(table).to_string())
+    if len(table):
+        from bayestune.reports import plot_sweep
+
+        log.info("wrote %s", plot_sweep(table, Path(args.out).with_suffix(".png")))
+
+
 # --- parser ---------------------------------------------------------------------------------
 def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
     parser.add_argument("--task", required=True, help="task name, e.g. cola or vtab-cifar")
@@ -268,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="validation scores of a grid of stage-1 settings (and of "
+                                     "the other methods) through mask and stage 2")
+    p.add_argument("--config", type=Path, required=True, help="workflow config, e.g. "
+                   "config/cpu.yaml: model, prepared data, main budget, mask and stage-2 settings")
+    p.add_argument("--grid", type=Path, required=True, help="YAML list of runs (config/sweeps/)")
+    p.add_argument("--out", type=Path, required=True, help="CSV of validation scores (resumed)")
+    p.add_argument("--tasks", nargs="*", help="default: the config's tasks")
+    p.add_argument("--seeds", nargs="*", type=int, help="default: the config's seeds")
+    p.add_argument("--model", help="replace the config's model (e.g. a local folder)")
+    p.add_argument("--prepared-dir", help="replace the config's prepared_dir")
+    p.add_argument("--workers", type=int, default=1, help="jobs run at once")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (workers share one GPU)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -7,11 +7,13 @@ Tensor files are safetensors; their run information is JSON stored under the met
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -163,6 +165,21 @@ def read_json(path: PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise FileFormatError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from err
+
+
+# --- CSV rows appended one at a time: a sweep's results, resumable ------------------------
+def append_csv_row(path: PathLike, row: Mapping[str, Any], columns: Sequence[str]) -> None:
+    """Append one row (header first when the file is new); one short write, so an interrupted
+    run leaves whole rows behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns))
+    if not path.exists() or path.stat().st_size == 0:
+        writer.writeheader()
+    writer.writerow({c: row.get(c) for c in columns})
+    with open(path, "a", newline="") as handle:
+        handle.write(buffer.getvalue())
 
 
 # --- training checkpoint: whole state of a resumable run (sampler, fine-tuning) -------------
