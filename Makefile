@@ -30,8 +30,8 @@ demo: install
 cpu: install
 	$(BIN)/snakemake --cores all --configfile config/cpu.yaml
 
-# Stage-1 settings for cpu.yaml, scored on the validation split only (about 2 h on 2 cores;
-# --device cuda --workers 12 on a GPU machine: 6 min).
+# Stage-1 settings for cpu.yaml, scored on the validation split only (about 3.5 h on 2 cores;
+# --device cuda --workers 12 on a GPU machine: about 7 min).
 sweep-cpu: install
 	$(BIN)/snakemake --cores all --configfile config/cpu.yaml --until prepare
 	$(BIN)/bayestune sweep --config config/cpu.yaml --grid config/sweeps/cpu_sampler.yaml \
