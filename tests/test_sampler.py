@@ -86,8 +86,15 @@ def run(config, model=None, data=None, **kwargs):
     return sample_scales(model, data.train_epoch, ce_loss, config, **kwargs)
 
 
+# A GPU runs the same tests where one is visible (the CUDA sampler keeps whole tensors, its
+# statistics in memory and its own RNG state in checkpoints).
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="needs a GPU"))
+
+
 # --- the known answer -------------------------------------------------------------------------
-def test_known_answer_only_the_moved_coordinates_get_large_scales():
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_known_answer_only_the_moved_coordinates_get_large_scales(device):
     # y = X w*, where w* differs from the pretrained w0 on 3 of 200 coordinates only.
     dim, n, moved = 200, 512, torch.tensor([5, 77, 150])
     g = torch.Generator().manual_seed(0)
@@ -111,8 +118,8 @@ def test_known_answer_only_the_moved_coordinates_get_large_scales():
     config = SamplerConfig(steps=1200, warmup_steps=400, burnin_steps=700, thinning=10,
                            temperature=1e3, lambda_init=1e-2, lr_theta=3e-3, lr_lambda=1e-3,
                            noise_discount=0.3)
-    result = sample_scales(model, batches, mse, config, seed=0, device="cpu", progress=False)
-    lam = result.mean["weight"][0]
+    result = sample_scales(model, batches, mse, config, seed=0, device=device, progress=False)
+    lam = result.mean["weight"][0].cpu()
     rest = torch.ones(dim, dtype=torch.bool)
     rest[moved] = False
     assert set(lam.topk(3).indices.tolist()) == set(moved.tolist())
@@ -283,18 +290,22 @@ def test_running_statistics_on_disk_match_memory_and_stay_out_of_the_process(mon
 
 
 # --- resuming ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("killed_at", [3, 23, 37])  # before any checkpoint, burn-in, sampling
-def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at):
+def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at, device):
     config = small_config()
-    whole = run(config)
+    whole = run(config, device=device)
     path = tmp_path / "ckpt.pt"
     data = tiny_data()
     with pytest.raises(Killed):
         sample_scales(tiny_net(), killed_after(data.train_epoch, killed_at), ce_loss, config,
-                      seed=3, device="cpu", checkpoint_path=path, progress=False)
+                      seed=3, device=device, checkpoint_path=path, progress=False)
     assert path.exists() == (killed_at >= config.checkpoint_every)
     torch.manual_seed(12345)  # the global RNG state of the new process is whatever it is
-    resumed = run(config, model=tiny_net(), data=tiny_data(), checkpoint_path=path)
+    if device == "cuda":
+        torch.cuda.manual_seed_all(12345)
+    resumed = run(config, model=tiny_net(), data=tiny_data(), checkpoint_path=path,
+                  device=device)
     assert resumed.n_samples == whole.n_samples
     for name in whole.mean:
         assert torch.equal(resumed.mean[name], whole.mean[name]), name
