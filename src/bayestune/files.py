@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pandas as pd
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
@@ -168,6 +169,15 @@ def read_json(path: PathLike) -> dict[str, Any]:
 
 
 # --- CSV rows appended one at a time: a sweep's results, resumable ------------------------
+def read_csv_table(path: PathLike, columns: Sequence[str]) -> pd.DataFrame:
+    """The rows written so far by :func:`append_csv_row` (none when there is no file yet)."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame(columns=list(columns))
+    return pd.read_csv(path)
+
+
+
 def append_csv_row(path: PathLike, row: Mapping[str, Any], columns: Sequence[str]) -> None:
     """Append one row (header first when the file is new); one short write, so an interrupted
     run leaves whole rows behind."""

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from bayestune import files  # noqa: E402
 from bayestune.models.base import is_head  # noqa: E402
+from bayestune.sweep import complete_seeds  # noqa: E402
 
 PathLike = str | os.PathLike[str]
 
@@ -335,8 +336,6 @@ def plot_sweep(table: pd.DataFrame, path: PathLike) -> Path:
     """Validation score of each sweep run, averaged over tasks per seed (bars: mean over seeds,
     ticks: 95% interval); runs of other methods in a second colour. Only seeds that every run
     finished enter, so that the bars compare like with like."""
-    from bayestune.sweep import complete_seeds
-
     data = complete_seeds(table)
     per_seed = data.groupby(["name", "method", "seed"], as_index=False)["val_score"].mean()
     per_seed["val score (x100, task mean)"] = per_seed["val_score"] * 100

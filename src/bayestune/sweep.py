@@ -13,6 +13,7 @@ and ``mask`` override the workflow config's sections for that run.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import copy
 import logging
 import multiprocessing
 import time
@@ -83,35 +84,52 @@ def grid_jobs(grid: Mapping[str, Any], tasks: Sequence[str],
 
 
 def _dataclass_part(cls: type, section: Mapping[str, Any]) -> Any:
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in section.items() if k in known})
+    """The dataclass from a config section's own keys, each cast to its field's type as the
+    command line does (YAML may write 0 for 0.0)."""
+    return cls(**{f.name: type(f.default)(section[f.name]) for f in fields(cls)
+                  if f.name in section})
 
 
-def _scores_and_masks(job: SweepJob, config: Mapping[str, Any], device: str):
+def _section(config: Mapping[str, Any], name: str, overrides: Mapping[str, Any]) -> dict:
+    return {**config.get(name, {}), **overrides}
+
+
+def _task_data_cache(job: SweepJob, config: Mapping[str, Any]):
+    """Task data by loader setting: the stages of a job share one load when their batch sizes
+    agree (``train_epoch(e)`` yields the same batches however often it is called)."""
+    from bayestune.tasks import load_task_data
+
+    loaded: dict[tuple[int, int], Any] = {}
+
+    def data(section: Mapping[str, Any]):
+        sizes = (int(section.get("batch_size", 16)), int(section.get("eval_batch_size", 64)))
+        if sizes not in loaded:
+            loaded[sizes] = load_task_data(job.task, Path(config["prepared_dir"]) / job.task,
+                                           sizes[0], job.seed, sizes[1])
+        return loaded[sizes]
+    return data
+
+
+def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str):
+    """The job's mask at the main budget (None for full and lora) and the number of lambda
+    samples behind it. Stage 1 runs on a copy: ``model`` stays at theta0 for stage 2."""
     from bayestune.methods import MethodConfig, select_masks
     from bayestune.models.base import resolve_device, task_loss
     from bayestune.sampler import SamplerConfig, sample_scales
-    from bayestune.tasks import build_task_model, load_task_data
 
-    budget = float(config["main_budget"])
-    mask_section = {**config.get("mask", {}), **job.mask}
     if job.method in ("full", "lora"):
         return None, 0
-    model = build_task_model(job.task, config["model"], job.seed)
     scores, n_samples = None, 0
     if job.method == "bayestune":
-        section = {**config.get("sampler", {}), **job.sampler}
-        data = load_task_data(job.task, Path(config["prepared_dir"]) / job.task,
-                              int(section.get("batch_size", 16)), job.seed)
-        result = sample_scales(model, data.train_epoch, task_loss,
+        section = _section(config, "sampler", job.sampler)
+        result = sample_scales(copy.deepcopy(model), data(section).train_epoch, task_loss,
                                _dataclass_part(SamplerConfig, section), seed=job.seed,
                                device=device, progress=False)
         scores, n_samples = result.mean, result.n_samples
-        model = build_task_model(job.task, config["model"], job.seed)  # stage 1 moved theta
-    data = load_task_data(job.task, Path(config["prepared_dir"]) / job.task,
-                          int(mask_section.get("batch_size", 16)), job.seed)
-    masks = select_masks(job.method, model.to(resolve_device(device)), data.train_epoch,
-                         task_loss, [budget], job.seed, _dataclass_part(MethodConfig, mask_section),
+    section = _section(config, "mask", job.mask)
+    budget = float(config["main_budget"])
+    masks = select_masks(job.method, model.to(resolve_device(device)), data(section).train_epoch,
+                         task_loss, [budget], job.seed, _dataclass_part(MethodConfig, section),
                          scores=scores)
     return {name: m.cpu() for name, m in masks[budget].items()}, n_samples
 
@@ -120,19 +138,18 @@ def run_job(job: SweepJob, config: Mapping[str, Any], device: str) -> dict[str, 
     """Stage 1 (bayestune) or the method's ranking, mask, stage 2; the validation score."""
     from bayestune.finetune import FinetuneConfig, finetune
     from bayestune.methods import LoraSettings, wrap_lora
-    from bayestune.tasks import build_task_model, get_task, load_task_data
+    from bayestune.tasks import build_task_model, get_task
 
     start = time.perf_counter()
-    mask, n_samples = _scores_and_masks(job, config, device)
-    section = {**config.get("finetune", {}),
-               **config.get("finetune_by_method", {}).get(job.method, {})}
+    data = _task_data_cache(job, config)
     model = build_task_model(job.task, config["model"], job.seed)
+    mask, n_samples = _mask(job, config, model, data, device)
+    section = _section(config, "finetune", config.get("finetune_by_method", {}).get(job.method, {}))
     if job.method == "lora":
         model = wrap_lora(model, _dataclass_part(LoraSettings, config.get("lora", {})))
-    data = load_task_data(job.task, Path(config["prepared_dir"]) / job.task,
-                          int(section.get("batch_size", 16)), job.seed)
-    result = finetune(model, data, get_task(job.task), _dataclass_part(FinetuneConfig, section),
-                      mask=mask, seed=job.seed, device=device, progress=False)
+    result = finetune(model, data(section), get_task(job.task),
+                      _dataclass_part(FinetuneConfig, section), mask=mask, seed=job.seed,
+                      device=device, progress=False)
     return {"name": job.name, "task": job.task, "seed": job.seed, "method": job.method,
             "val_score": result.val_score, "trainable_fraction": result.trainable_fraction,
             "n_samples": n_samples, "wall_seconds": round(time.perf_counter() - start, 2)}
@@ -142,13 +159,6 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)  # the workers share the machine's cores
-
-
-def _done(out: Path) -> set[tuple]:
-    if not out.exists():
-        return set()
-    table = pd.read_csv(out)
-    return {(r.name, r.task, int(r.seed)) for r in table.itertuples()}
 
 
 def _attempt(function, job: SweepJob, *args) -> dict[str, Any] | BaseException:
@@ -170,7 +180,8 @@ def run_sweep(config: Mapping[str, Any], jobs: Sequence[SweepJob], out: str | Pa
               device: str = "cpu", workers: int = 1) -> pd.DataFrame:
     """Run the jobs not yet in ``out`` (a CSV, appended row by row); return the whole table."""
     out = Path(out)
-    done = _done(out)
+    done = {(r.name, r.task, int(r.seed))
+            for r in files.read_csv_table(out, COLUMNS).itertuples()}
     todo = [j for j in jobs if (j.name, j.task, j.seed) not in done]
     log.info("sweep: %d jobs, %d already in %s", len(jobs), len(jobs) - len(todo), out)
     if workers <= 1:  # in this process: simplest to debug
@@ -183,21 +194,19 @@ def run_sweep(config: Mapping[str, Any], jobs: Sequence[SweepJob], out: str | Pa
             pending = {pool.submit(_attempt, run_job, job, config, device): job for job in todo}
             _record(((pending[f], f.result()) for f in futures.as_completed(pending)), out,
                     len(todo))
-    return pd.read_csv(out) if out.exists() else pd.DataFrame(columns=COLUMNS)
+    return files.read_csv_table(out, COLUMNS)
 
 
 def complete_seeds(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of the seeds that every run finished for every task (all rows if none did)."""
     expected = table["name"].nunique() * table["task"].nunique()
-    per_seed = table.groupby("seed").apply(lambda rows: len(rows.drop_duplicates(["name", "task"])),
-                                           include_groups=False)
+    per_seed = table.drop_duplicates(list(KEY)).groupby("seed").size()
     seeds = per_seed[per_seed == expected].index
     return table[table["seed"].isin(seeds)] if len(seeds) else table
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Mean validation score (x100) per run and task, their average, sorted best first."""
-    table = table.assign(task=table["task"].astype(str))
     per_task = table.pivot_table(index="name", columns="task", values="val_score",
                                  aggfunc="mean") * 100
     counts = table.groupby("name")["seed"].nunique().rename("seeds")
