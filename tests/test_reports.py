@@ -11,20 +11,28 @@ import pytest
 import torch
 from PIL import Image
 
-from bayestune import files, reports
+from bayestune import convergence, files, paired, reports
 
 TASKS = ("cola", "rte", "cb")
 
 
 def _metrics(tmp: Path, method: str, budget, task: str, seed: int, score: float,
-             model: str = "roberta-base", fraction: float = 0.005) -> Path:
+             model: str = "roberta-base", fraction: float = 0.005,
+             curve: list[float] | None = None, stop_reason: str = "max_steps") -> Path:
+    """A metrics.json; with ``curve`` (validation scores every 10 steps) also its history and
+    stop reason, as `bayestune finetune` writes them; without, as files from before that."""
     path = tmp / method / task / str(budget) / f"seed{seed}" / "metrics.json"
-    files.write_json(path, {
+    record = {
         "method": method, "budget": budget, "task": task, "seed": seed, "model": model,
         "metric": "accuracy", "test_score": score, "val_score": score + 0.01,
         "trainable_fraction": fraction, "n_trainable": 5, "n_total": 1000, "best_step": 10,
         "steps": 20, "wall_seconds": 1.0,
-    })
+    }
+    if curve is not None:
+        record["history"] = convergence.history_records(
+            (10 * (i + 1), 1.0 / (i + 1), val) for i, val in enumerate(curve))
+        record["stop_reason"] = stop_reason
+    files.write_json(path, record)
     return path
 
 
@@ -81,7 +89,8 @@ def test_written_tables_add_published_rows_for_roberta_only(tmp_path):
     out = tmp_path / "out"
     paths = reports.write_tables(reports.collect_scores(_runs(tmp_path / "r")), out, "glue",
                                  "roberta-base")
-    assert [p.name for p in paths] == ["glue_scores.csv", "glue_table.csv", "glue_table.md"]
+    assert [p.name for p in paths] == ["glue_scores.csv", "glue_table.csv", "glue_table.md",
+                                       "glue_paired.csv"]
     table = pd.read_csv(out / "glue_table.csv", dtype={"budget": str})
     published = table[table.method.str.endswith("(published)")]
     assert len(published) == len(reports.PUBLISHED_GLUE)
@@ -195,3 +204,101 @@ def test_overlap_of_identical_and_disjoint_masks(tmp_path):
     table = mask_overlap({"a": a, "a2": a, "b": b})
     assert table.loc["a", "a2"] == 1.0 and table.loc["a", "b"] == 0.0
     _png_ok(reports.plot_mask_overlap({"a": a, "a2": a, "b": b}, tmp_path / "o.png"))
+
+
+# --- convergence flags, paired differences, their figures --------------------------------------
+RISING, LEVELLED = [0.5, 0.6, 0.7, 0.8], [0.5, 0.8, 0.7, 0.7]
+
+
+def _curved_runs(tmp: Path) -> list[Path]:
+    """bayestune at 0.005 and full on cb and rte, two seeds; only bayestune's cb seed 1 stops
+    at max_steps still rising; full's rte seed 0 rises too but was stopped by patience."""
+    paths = []
+    for seed in range(2):
+        for t, task in enumerate(("cb", "rte")):
+            rising = (task, seed) == ("cb", 1)
+            paths.append(_metrics(tmp, "bayestune", 0.005, task, seed, 0.6 + t / 10 + seed / 100,
+                                  curve=RISING if rising else LEVELLED))
+            paths.append(_metrics(tmp, "full", "full", task, seed, 0.5 + t / 10, fraction=1.0,
+                                  curve=RISING if (task, seed) == ("rte", 0) else LEVELLED,
+                                  stop_reason="patience"))
+    return paths
+
+
+def test_dagger_marks_cells_with_a_run_still_improving(tmp_path):
+    scores = reports.collect_scores(_curved_runs(tmp_path / "runs"))
+    assert scores["still_improving"].sum() == 1
+    assert set(scores["stop_reason"]) == {"max_steps", "patience"}
+    out = tmp_path / "out"
+    reports.write_tables(scores, out, "glue")
+    table = pd.read_csv(out / "glue_table.csv", dtype={"budget": str}).set_index("method")
+    assert table.loc["bayestune", "cb_improving"] == 1
+    assert table.loc["bayestune", "rte_improving"] == 0
+    assert table.loc["full", ["cb_improving", "rte_improving"]].tolist() == [0, 0]
+    markdown = (out / "glue_table.md").read_text()
+    main_table = markdown.split("\n\n")[0]
+    lines = [[cell.strip() for cell in line.split("|")[1:-1]] for line in main_table.splitlines()]
+    rows = {cells[0]: dict(zip(lines[0], cells, strict=True)) for cells in lines[2:]}
+    assert rows["bayestune"]["cb"] == "60.50 ± 0.71 †"
+    assert "†" not in rows["bayestune"]["rte"] and "†" not in "".join(rows["full"].values())
+    assert "† at least one seed of this cell stopped at max_steps while still improving" in markdown
+    assert "Runs flagged: 1 of the 8 with a recorded validation curve." in markdown
+
+
+def test_metrics_without_history_still_load_unflagged(tmp_path):
+    paths = _runs(tmp_path / "runs")
+    scores = reports.collect_scores(paths)
+    assert not scores["still_improving"].any() and set(scores["stop_reason"]) == {""}
+    reports.write_tables(scores, tmp_path, "glue")
+    markdown = (tmp_path / "glue_table.md").read_text()
+    assert "†" not in markdown
+    ours = pd.read_csv(tmp_path / "glue_table.csv").query("~method.str.contains('published')")
+    assert (ours.filter(like="_improving") == 0).all().all() and len(ours) == 3
+    assert reports.collect_histories(paths).empty
+    written = reports.write_figures(tmp_path / "fig", metrics=paths[:9])  # seed 0, 3 tasks
+    assert [p.name for p in written] == ["val_curves_cb.png", "val_curves_cola.png",
+                                         "val_curves_rte.png"]
+    _png_ok(written[0])  # says that no curve was recorded rather than failing the report
+
+
+def test_paired_differences_in_the_markdown_and_csv(tmp_path):
+    reports.write_tables(reports.collect_scores(_runs(tmp_path / "runs")), tmp_path, "glue")
+    table = reports.read_paired(tmp_path / "glue_paired.csv")
+    # _runs: full scores 10 points above bayestune 0.005 on every (task, seed); only 0.005 is
+    # bayestune's main budget, so its 0.01 runs meet no other method.
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row.reference, row.reference_budget, row.method, row.budget, row.pairs) == (
+        "bayestune", "0.005", "full", "-", 9)
+    assert row.mean_difference == pytest.approx(-10.0)
+    assert (row.ci_low, row.ci_high) == pytest.approx((-10.0, -10.0))
+    assert row.ci_method == paired.CI_EQUAL
+    markdown = (tmp_path / "glue_table.md").read_text()
+    assert "## bayestune minus method" in markdown
+    assert "| full     | -        | 0.005" in markdown
+    assert "-10.00" in markdown and "[-10.00, -10.00] all equal" in markdown
+    assert "BCa, 9999 resamples" in markdown
+
+    reports.write_tables(reports.collect_scores(_runs(tmp_path / "runs")), tmp_path / "other",
+                         "glue", reference="lora")
+    assert reports.read_paired(tmp_path / "other" / "glue_paired.csv").empty
+    assert "No comparison: lora" in (tmp_path / "other" / "glue_table.md").read_text()
+
+
+def test_val_curve_and_paired_figures(tmp_path):
+    paths = _curved_runs(tmp_path / "runs")
+    histories = reports.collect_histories(paths)
+    assert len(histories) == 8 * len(RISING)
+    assert histories["val_score"].max() == pytest.approx(80.0)  # x100, as in the tables
+    scores = reports.collect_scores(paths)
+    reports.write_tables(scores, tmp_path, "glue")
+    cb_runs = [p for p in paths if "/cb/" in p.as_posix()]
+    out = tmp_path / "figures"
+    written = reports.write_figures(out, metrics=cb_runs,
+                                    paired_csv=tmp_path / "glue_paired.csv")
+    assert [p.name for p in written] == ["val_curves.png", "paired_differences.png"]
+    for path in written:
+        _png_ok(path)
+        assert path.stat().st_size > 15_000  # drawn curves and intervals, not an empty frame
+    with pytest.raises(files.FileFormatError, match="not a paired-differences table"):
+        reports.read_paired(tmp_path / "glue_scores.csv")

@@ -163,10 +163,12 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
         "task_figures": tasks,
         "report": 1,
         "score_figure": 1,
+        "val_curves": tasks,
+        "paired_figure": 1,
         "all": 1,
         "total": sum(counts.values()) - counts["total"],
     }
-    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 630, 892)
+    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 630, 900)
 
 
 @pytest.mark.parametrize("config", ["config/config.yaml", "config/vtab.yaml",
@@ -304,9 +306,17 @@ def test_tiny_run_writes_tables_and_figures(tiny_run):
     assert "± " not in (results / "glue_table.md").read_text()  # one seed: no std to show
     scores = pd.read_csv(results / "glue_scores.csv")
     assert len(scores) == 10 and set(scores.task) == {"cb", "copa"}
-    figures = ["score_vs_budget.png"] + [f"{task}/{name}" for task in ("cb", "copa") for name in
-                                         ("lambda_histogram.png", "mask_locations.png",
-                                          "mask_overlap.png")]
+    # six steps, an evaluation every three: every run ends at max_steps with its best among
+    # its last two evaluations, so each is flagged as still improving
+    assert set(scores.stop_reason) == {"max_steps"} and scores.still_improving.all()
+    assert "†" in (results / "glue_table.md").read_text()
+    paired = pd.read_csv(results / "glue_paired.csv", dtype={"budget": str})
+    assert set(zip(paired.method, paired.budget, paired.pairs, strict=True)) == {
+        ("full", "-", 2), ("random", "0.005", 2), ("random", "0.02", 2)}
+    assert (paired.ci_method == "too few pairs").all()  # one seed, two tasks: no interval
+    figures = ["score_vs_budget.png", "paired_differences.png"] + [
+        f"{task}/{name}" for task in ("cb", "copa") for name in
+        ("lambda_histogram.png", "mask_locations.png", "mask_overlap.png", "val_curves.png")]
     for name in figures:
         assert (results / "figures" / name).stat().st_size > 1000, name
     assert not list((results / "scales").rglob("*.ckpt"))  # finished runs drop their checkpoint

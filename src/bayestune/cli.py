@@ -114,7 +114,7 @@ def cmd_mask(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from bayestune import files
+    from bayestune import convergence, files
     from bayestune.delta import make_delta
     from bayestune.finetune import FinetuneConfig, finetune
 
@@ -147,6 +147,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "trainable_fraction": result.trainable_fraction, "n_trainable": result.n_trainable,
         "n_total": result.n_total, "best_step": result.best_step, "steps": result.steps,
         "wall_seconds": result.wall_seconds, "bayestune_version": __version__,
+        "history": convergence.history_records(result.history),
+        "stop_reason": convergence.stop_reason(result.history, result.best_step, config.patience),
     })
     log.info("%s %s: test %s = %.4f", args.task, method, spec.metric_name, result.test_score)
 
@@ -166,14 +168,16 @@ def cmd_report(args: argparse.Namespace) -> None:
     from bayestune import reports
 
     scores = reports.collect_scores(args.metrics)
-    reports.write_tables(scores, args.out_dir, args.benchmark, args.model)
+    reports.write_tables(scores, args.out_dir, args.benchmark, args.model,
+                         reference=args.reference, main_budget=format(args.main_budget, "g"))
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
     from bayestune import reports
 
     reports.write_figures(args.out_dir, scales=args.scales, masks=args.masks,
-                          scores_csv=args.scores_csv)
+                          scores_csv=args.scores_csv, metrics=args.metrics,
+                          paired_csv=args.paired_csv)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -270,12 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, nargs="+", required=True)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--model", default="", help="adds published rows when roberta-base")
+    p.add_argument("--reference", default="bayestune",
+                   help="method whose paired differences against every other are tabulated")
+    p.add_argument("--main-budget", type=float, default=0.005,
+                   help="budget of the reference when compared with full, lora and bitfit")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("figures", help="figures of scales, masks and scores")
     p.add_argument("--scales", type=Path, nargs="*", default=[])
     p.add_argument("--masks", type=Path, nargs="*", default=[])
     p.add_argument("--scores-csv", type=Path, default=None)
+    p.add_argument("--metrics", type=Path, nargs="*", default=[],
+                   help="metrics.json files: validation curves, one figure per task")
+    p.add_argument("--paired-csv", type=Path, default=None,
+                   help="<benchmark>_paired.csv: forest plot of the paired differences")
     p.add_argument("--out-dir", type=Path, required=True)
     p.set_defaults(func=cmd_figures)
 

@@ -3,9 +3,14 @@
 * Tables: one long row per fine-tuning run (``<benchmark>_scores.csv``), then one row per
   (method, budget) with the mean and std over seeds of every task, x100 (``_table.csv`` and
   ``_table.md``). For RoBERTa-base the published GLUE rows are added, marked "(published)".
+  A cell with a run that stopped at max_steps while still improving gets a dagger (the rule is
+  in :mod:`bayestune.convergence`). A reference method (BayesTune by default) minus every
+  other, paired over (task, seed) with bootstrap intervals (:mod:`bayestune.paired`), is a
+  second Markdown table and ``_paired.csv``.
 * Figures (PNG, matplotlib's Agg backend): where a mask's scalars sit (per layer and per module
-  type), score against trainable fraction, the posterior-mean lambda on a log scale, and the
-  Jaccard overlap of the methods' masks.
+  type), score against trainable fraction, the posterior-mean lambda on a log scale, the
+  Jaccard overlap of the methods' masks, the validation curves of the runs and a forest plot
+  of the paired differences.
 
 Every file goes through :func:`bayestune.files.atomic_output`, so a killed report never
 leaves half a table behind.
@@ -29,7 +34,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-from bayestune import files  # noqa: E402
+from bayestune import convergence, files, paired  # noqa: E402
 from bayestune.models.base import is_head  # noqa: E402
 from bayestune.sweep import complete_seeds  # noqa: E402
 
@@ -93,6 +98,8 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
             "val_score": 100.0 * float(record.get("val_score", math.nan)),
             "trainable_fraction": float(record["trainable_fraction"]),
             "model": str(record.get("model", "")),
+            "stop_reason": str(record.get("stop_reason") or ""),  # "": recorded before it was
+            "still_improving": convergence.still_improving(record),
         })
     if not rows:
         raise ValueError("no metrics.json files given; run the fine-tuning stage first")
@@ -140,7 +147,7 @@ def make_table(scores: pd.DataFrame, benchmark: str) -> pd.DataFrame:
     table = pd.DataFrame(index=means.index)
     table["trainable_fraction"] = scores.groupby(keys)["trainable_fraction"].mean()
     table["seeds"] = stats["count"].groupby(level=keys).min()
-    table = table.join(means).join(stds)
+    table = table.join(means).join(stds).join(_improving_counts(scores, keys, tasks))
     if benchmark == "vtab":
         from bayestune.tasks.vtab import GROUPS, group_means
 
@@ -174,10 +181,11 @@ def published_rows(model: str, tasks: Sequence[str] = GLUE_TASKS) -> pd.DataFram
 
 
 def _markdown(table: pd.DataFrame, tasks: Sequence[str], extra: Sequence[str]) -> str:
-    def cell(mean: float, std: float) -> str:
+    def cell(mean: float, std: float, improving: float = 0) -> str:
         if pd.isna(mean):
             return ""
-        return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+        text = f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+        return text + (f" {DAGGER}" if improving > 0 else "")
 
     rows = []
     for _, row in table.iterrows():
@@ -185,7 +193,8 @@ def _markdown(table: pd.DataFrame, tasks: Sequence[str], extra: Sequence[str]) -
         out = {"method": row["method"], "budget": row["budget"],
                "trainable %": "" if pd.isna(fraction) else f"{100 * fraction:.3g}"}
         for task in tasks:
-            out[task] = cell(row.get(task, math.nan), row.get(f"{task}_std", math.nan))
+            out[task] = cell(row.get(task, math.nan), row.get(f"{task}_std", math.nan),
+                             _count(row.get(f"{task}{IMPROVING_SUFFIX}")))
         for name in extra:
             out[name] = "" if pd.isna(row.get(name)) else f"{row[name]:.2f}"
         rows.append(out)
@@ -193,10 +202,14 @@ def _markdown(table: pd.DataFrame, tasks: Sequence[str], extra: Sequence[str]) -
 
 
 def write_tables(scores: pd.DataFrame, out_dir: PathLike, benchmark: str,
-                 model: str = "") -> list[Path]:
-    """Write ``<benchmark>_scores.csv``, ``_table.csv`` and ``_table.md`` into ``out_dir``."""
+                 model: str = "", reference: str = "bayestune",
+                 main_budget: str = paired.DEFAULT_MAIN_BUDGET) -> list[Path]:
+    """Write ``<benchmark>_scores.csv``, ``_table.csv``, ``_table.md`` and ``_paired.csv`` into
+    ``out_dir``: the paired differences compare ``reference`` with every other method (methods
+    without a budget at ``main_budget``, a budget label such as ``"0.005"``)."""
     out_dir = Path(out_dir)
     table = make_table(scores, benchmark)
+    differences = paired_table(scores, reference, main_budget)
     tasks = _task_order(scores["task"], benchmark)
     if benchmark == "glue":
         models = set(scores["model"]) if "model" in scores else set()
@@ -209,8 +222,92 @@ def write_tables(scores: pd.DataFrame, out_dir: PathLike, benchmark: str,
     with files.atomic_output(paths[1]) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     with files.atomic_output(paths[2]) as tmp:
-        tmp.write_text(_markdown(table, tasks, extra))
+        tmp.write_text(_markdown(table, tasks, extra) + _improving_note(scores)
+                       + _paired_markdown(differences, reference, main_budget))
+    paths.append(write_paired(differences, out_dir / f"{benchmark}_paired.csv"))
     return paths
+
+
+# --- convergence flags and paired differences ---------------------------------------------------
+DAGGER = "†"
+IMPROVING_SUFFIX = "_improving"  # table column: runs of the cell still improving at max_steps
+
+
+def _count(value: object) -> int:
+    return 0 if value is None or pd.isna(value) else int(value)
+
+
+def _improving_counts(scores: pd.DataFrame, keys: list[str], tasks: Sequence[str]) -> pd.DataFrame:
+    """Per (method, budget) and task: how many seeds stopped at max_steps still improving."""
+    flags = (scores["still_improving"] if "still_improving" in scores
+             else pd.Series(False, index=scores.index))
+    counts = flags.astype(int).groupby([scores[k] for k in keys + ["task"]]).sum()
+    return (counts.unstack("task").reindex(columns=list(tasks)).fillna(0).astype(int)
+            .add_suffix(IMPROVING_SUFFIX))
+
+
+def _improving_note(scores: pd.DataFrame) -> str:
+    """The dagger's meaning under the table, with how many runs it marks; nothing when no run
+    recorded its stop reason (metrics.json files from before it was recorded)."""
+    if "stop_reason" not in scores or not scores["stop_reason"].astype(bool).any():
+        return ""
+    checked = int(scores["stop_reason"].astype(bool).sum())
+    flagged = int(scores["still_improving"].sum())
+    note = (f"\n{DAGGER} at least one seed of this cell {convergence.STILL_IMPROVING_RULE}. "
+            f"Runs flagged: {flagged} of the {checked} with a recorded validation curve.")
+    if checked < len(scores):
+        note += f" {len(scores) - checked} runs recorded none and are not checked."
+    return note + "\n"
+
+
+def paired_table(scores: pd.DataFrame, reference: str = "bayestune",
+                 main_budget: str = paired.DEFAULT_MAIN_BUDGET) -> pd.DataFrame:
+    """:func:`bayestune.paired.paired_differences` in the tables' row order."""
+    differences = paired.paired_differences(scores, reference, main_budget)
+    return _row_order(differences) if len(differences) else differences
+
+
+def write_paired(differences: pd.DataFrame, path: PathLike) -> Path:
+    path = Path(path)
+    with files.atomic_output(path) as tmp:
+        differences.to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def read_paired(path: PathLike) -> pd.DataFrame:
+    """A ``<benchmark>_paired.csv`` as :func:`write_paired` wrote it (budgets as labels)."""
+    table = pd.read_csv(path, dtype={"budget": str, "reference_budget": str})
+    missing = [c for c in paired.COLUMNS if c not in table.columns]
+    if missing:
+        raise files.FileFormatError(f"{path}: not a paired-differences table (missing "
+                                    f"{', '.join(missing)}); rerun `bayestune report`")
+    return table
+
+
+def _interval_text(row: pd.Series) -> str:
+    if row["ci_method"] == paired.CI_TOO_FEW:
+        return f"- ({paired.CI_TOO_FEW})"
+    text = f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+    return text if row["ci_method"] == paired.CI_BCA else f"{text} {row['ci_method']}"
+
+
+def _paired_markdown(differences: pd.DataFrame, reference: str, main_budget: str) -> str:
+    heading = f"\n## {reference} minus method (test score x100, paired over task and seed)\n\n"
+    if differences.empty:
+        return heading + f"No comparison: {reference} and another method share no (task, seed).\n"
+    rows = [{"method": r["method"], "budget": r["budget"], f"{reference} budget":
+             r["reference_budget"], "pairs": str(r["pairs"]),
+             "mean difference": f"{r['mean_difference']:+.2f}", "95% CI": _interval_text(r)}
+            for _, r in differences.iterrows()]
+    note = (f"\nMean over the (task, seed) pairs both ran of {reference}'s test score minus the "
+            f"method's; methods without a budget ({paired.NO_BUDGET}) are compared with "
+            f"{reference} at the main budget {main_budget}. 95% interval: bootstrap of the "
+            f"pairs (scipy.stats.bootstrap, BCa, {paired.N_RESAMPLES} resamples, seed "
+            f"{paired.BOOTSTRAP_SEED}); the percentile interval where BCa is undefined, none "
+            f"with fewer than {paired.MIN_PAIRS} pairs, zero width when every difference is "
+            f"the same. An interval above 0 favours {reference}.\n")
+    table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return heading + table + "\n" + note
 
 
 # --- where the parameters sit -------------------------------------------------------------------
@@ -398,6 +495,102 @@ def plot_mask_overlap(masks: Mapping[str, Mapping[str, torch.Tensor]], path: Pat
     return _save(fig, path)
 
 
+# --- validation curves, paired differences ---------------------------------------------------
+def collect_histories(paths: Iterable[PathLike]) -> pd.DataFrame:
+    """One row per evaluation of every run that recorded its validation curve: method, budget
+    (label), task, seed, step, train_loss, val_score (x100), still_improving (of the run).
+    Runs from before curves were recorded add nothing."""
+    rows = []
+    for path in paths:
+        record = files.read_json(path)
+        method = str(record.get("method", ""))
+        run = {"method": method, "budget": budget_label(record.get("budget"), method),
+               "task": str(record.get("task", "")), "seed": int(record.get("seed", 0)),
+               "still_improving": convergence.still_improving(record)}
+        for entry in record.get("history") or []:
+            val, loss = entry.get("val_score"), entry.get("train_loss")
+            rows.append({**run, "step": int(entry["step"]),
+                         "train_loss": math.nan if loss is None else float(loss),
+                         "val_score": math.nan if val is None else 100.0 * float(val)})
+    columns = ["method", "budget", "task", "seed", "still_improving", "step", "train_loss",
+               "val_score"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _run_label(method: str, budget: str) -> str:
+    return method if budget == FIXED_BUDGET else f"{method} {budget}"
+
+
+def _empty_figure(path: PathLike, message: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    return _save(fig, path)
+
+
+def plot_val_curves(histories: pd.DataFrame, path: PathLike, title: str = "") -> Path:
+    """Validation score and training loss against step, one colour per (method, budget):
+    the mean over seeds with a band of one std (a seed that stopped early leaves the mean
+    from there on). A label with a dagger has a run that stopped at max_steps while still
+    improving."""
+    if histories.empty:
+        return _empty_figure(path, "no run recorded its validation curve: rerun fine-tuning "
+                                   "(metrics.json files from before curves were recorded)")
+    data = histories.copy()
+    improving = data.groupby(["method", "budget"])["still_improving"].any()
+    data["run"] = [_run_label(m, b) + (f" {DAGGER}" if improving[(m, b)] else "")
+                   for m, b in zip(data["method"], data["budget"], strict=True)]
+    order = _row_order(data.drop_duplicates("run"))["run"]
+    seeds = data["seed"].nunique()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, column, label in ((axes[0], "val_score", "validation score (x100)"),
+                              (axes[1], "train_loss", "training loss (mean since last eval)")):
+        sns.lineplot(data=data, x="step", y=column, hue="run", hue_order=list(order),
+                     errorbar="sd" if seeds > 1 else None, marker="o", markersize=4, ax=ax)
+        ax.set_ylabel(label)
+    losses = data["train_loss"].dropna()
+    if len(losses) and losses.gt(0).all() and losses.max() > 10 * losses.min():
+        axes[1].set_yscale("log")
+    axes[0].get_legend().remove()
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), title="method")
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    fig.suptitle((f"{title}: " if title else "") + f"validation curves ({spread}; "
+                 f"{DAGGER}: a run stopped at max_steps still improving)")
+    return _save(fig, path)
+
+
+def plot_paired_differences(differences: pd.DataFrame, path: PathLike) -> Path:
+    """Forest plot: one row per comparison, the mean paired difference and its 95% interval,
+    a line at zero; the number of pairs at the right."""
+    if differences.empty:
+        return _empty_figure(path, "no paired comparison: the reference method shares no "
+                                   "(task, seed) with another method")
+    reference = str(differences["reference"].iloc[0])
+    labels = [_run_label(r.method, r.budget) + ("" if r.budget == r.reference_budget
+                                                else f" (vs {reference} {r.reference_budget})")
+              for r in differences.itertuples()]
+    y = np.arange(len(differences))[::-1]
+    mean = differences["mean_difference"].to_numpy(float)
+    low, high = differences["ci_low"].to_numpy(float), differences["ci_high"].to_numpy(float)
+    has_ci = np.isfinite(low) & np.isfinite(high)
+    fig, ax = plt.subplots(figsize=(7, 0.42 * len(differences) + 1.5))
+    ax.axvline(0, color="grey", linewidth=1)
+    ax.errorbar(mean[has_ci], y[has_ci], xerr=[mean[has_ci] - low[has_ci],
+                                               high[has_ci] - mean[has_ci]],
+                fmt="o", color="C0", capsize=3)
+    ax.plot(mean[~has_ci], y[~has_ci], "o", mfc="none", color="C0")
+    ax.set_yticks(y, labels)
+    for row_y, pairs in zip(y, differences["pairs"], strict=True):
+        ax.annotate(f"n={pairs}", (1.01, row_y), xycoords=("axes fraction", "data"),
+                    va="center", fontsize="small")
+    ax.set_ylim(-0.7, len(differences) - 0.3)
+    ax.set_xlabel(f"{reference} minus method, test score (x100), mean over (task, seed) pairs")
+    ax.set_title(f"{reference} against each method (> 0 favours {reference})\n"
+                 f"bars: 95% bootstrap interval; open circle: under {paired.MIN_PAIRS} pairs, "
+                 "no interval; n: pairs", fontsize="medium")
+    return _save(fig, path)
+
+
 # --- the figures command ------------------------------------------------------------------------
 def _describe(path: Path, meta: Mapping[str, object], kind: str) -> dict[str, str]:
     """Method/task/seed/budget of a mask or scale file: its metadata, else its path
@@ -422,12 +615,16 @@ def _by_task(entries: list[tuple[dict[str, str], dict]]) -> dict[str, dict[str, 
 
 
 def write_figures(out_dir: PathLike, scales: Sequence[PathLike] = (),
-                  masks: Sequence[PathLike] = (), scores_csv: PathLike | None = None) -> list[Path]:
+                  masks: Sequence[PathLike] = (), scores_csv: PathLike | None = None,
+                  metrics: Sequence[PathLike] = (),
+                  paired_csv: PathLike | None = None) -> list[Path]:
     """Every figure the given files allow, into ``out_dir``.
 
     scales -> ``lambda_histogram.png``; masks -> ``mask_locations.png`` and
     ``mask_overlap.png`` (per task; the task is appended to the name when the masks cover
-    several); scores_csv (``<benchmark>_scores.csv``) -> ``score_vs_budget.png``.
+    several); scores_csv (``<benchmark>_scores.csv``) -> ``score_vs_budget.png``; metrics
+    (metrics.json files) -> ``val_curves.png`` (per task, named like the mask figures);
+    paired_csv (``<benchmark>_paired.csv``) -> ``paired_differences.png``.
     """
     out_dir = Path(out_dir)
     written: list[Path] = []
@@ -460,6 +657,23 @@ def write_figures(out_dir: PathLike, scales: Sequence[PathLike] = (),
     if scores_csv is not None:
         scores = pd.read_csv(scores_csv, dtype={"budget": str})
         written.append(plot_score_vs_budget(scores, out_dir / "score_vs_budget.png"))
+    if metrics:
+        written += _write_val_curves(metrics, out_dir)
+    if paired_csv is not None:
+        written.append(plot_paired_differences(read_paired(paired_csv),
+                                               out_dir / "paired_differences.png"))
     if not written:
-        raise ValueError("nothing to plot: give --scales, --masks or --scores-csv")
+        raise ValueError("nothing to plot: give --scales, --masks, --scores-csv, --metrics or "
+                         "--paired-csv")
+    return written
+
+
+def _write_val_curves(metrics: Sequence[PathLike], out_dir: Path) -> list[Path]:
+    histories = collect_histories(metrics)
+    tasks = sorted({str(files.read_json(p).get("task", "")) for p in metrics})
+    written = []
+    for task in tasks:
+        suffix = f"_{task}" if len(tasks) > 1 else ""
+        written.append(plot_val_curves(histories[histories["task"] == task],
+                                       out_dir / f"val_curves{suffix}.png", title=task))
     return written

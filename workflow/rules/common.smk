@@ -8,7 +8,7 @@ All knowledge of the file layout lives here, so the rule files only wire files t
     {results_dir}/scales/{task}/seed{S}.ckpt                     sampler checkpoint (resume)
     {results_dir}/masks/{method}/{task}/seed{S}/p{budget}.safetensors
     {results_dir}/finetune/{method}/{task}/{label}/seed{S}/{metrics.json,delta.safetensors}
-    {results_dir}/{benchmark}_scores.csv, _table.csv, _table.md, figures/
+    {results_dir}/{benchmark}_scores.csv, _table.csv, _table.md, _paired.csv, figures/
 
 {label} is p{budget} for mask methods (bitfit's fixed mask is filed under main_budget),
 `all` for full fine-tuning and `lora` for LoRA.
@@ -200,12 +200,33 @@ def task_figures(task):
 
 
 def table_files():
-    return [f"{RES}/{BENCH}_{name}" for name in ("scores.csv", "table.csv", "table.md")]
+    names = ("scores.csv", "table.csv", "table.md", "paired.csv")
+    return [f"{RES}/{BENCH}_{name}" for name in names]
+
+
+def curve_metrics(wildcards):
+    """The task's runs whose validation curves are drawn: every seed, mask methods at
+    main_budget (one curve per method, as the mask figures compare them)."""
+    main = budget_label(MAIN_BUDGET)
+    return [f"{run_dir(method, wildcards.task, label, seed)}/metrics.json"
+            for method in METHODS for label in labels_of(method)
+            if method not in BUDGETED or label == main
+            for seed in SEEDS]
+
+
+def convergence_figures():
+    """Validation curves per task and, when BayesTune meets another method, the forest plot
+    of its paired differences."""
+    figures = [f"{RES}/figures/{task}/val_curves.png" for task in TASKS]
+    if "bayestune" in METHODS and len(METHODS) > 1:
+        figures.append(f"{RES}/figures/paired_differences.png")
+    return figures
 
 
 def all_targets():
     figures = [f for task in TASKS for f in task_figures(task)]
-    return table_files() + figures + [f"{RES}/figures/score_vs_budget.png"]
+    return (table_files() + figures + [f"{RES}/figures/score_vs_budget.png"]
+            + convergence_figures())
 
 
 wildcard_constraints:
