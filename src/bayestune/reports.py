@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bayestune import convergence, files, paired  # noqa: E402
 from bayestune.models.base import is_head  # noqa: E402
@@ -548,6 +549,7 @@ def plot_val_curves(histories: pd.DataFrame, path: PathLike, title: str = "") ->
         sns.lineplot(data=data, x="step", y=column, hue="run", hue_order=list(order),
                      errorbar="sd" if seeds > 1 else None, marker="o", markersize=4, ax=ax)
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     losses = data["train_loss"].dropna()
     if len(losses) and losses.gt(0).all() and losses.max() > 10 * losses.min():
         axes[1].set_yscale("log")
