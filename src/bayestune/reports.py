@@ -99,7 +99,7 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
             "val_score": 100.0 * float(record.get("val_score", math.nan)),
             "trainable_fraction": float(record["trainable_fraction"]),
             "model": str(record.get("model", "")),
-            "stop_reason": str(record.get("stop_reason") or ""),  # "": recorded before it was
+            "stop_reason": str(record.get("stop_reason") or ""),  # "" in files older than it
             "still_improving": convergence.still_improving(record),
         })
     if not rows:
@@ -501,9 +501,12 @@ def collect_histories(paths: Iterable[PathLike]) -> pd.DataFrame:
     """One row per evaluation of every run that recorded its validation curve: method, budget
     (label), task, seed, step, train_loss, val_score (x100), still_improving (of the run).
     Runs from before curves were recorded add nothing."""
+    return _histories([files.read_json(path) for path in paths])
+
+
+def _histories(records: Iterable[Mapping]) -> pd.DataFrame:
     rows = []
-    for path in paths:
-        record = files.read_json(path)
+    for record in records:
         method = str(record.get("method", ""))
         run = {"method": method, "budget": budget_label(record.get("budget"), method),
                "task": str(record.get("task", "")), "seed": int(record.get("seed", 0)),
@@ -671,8 +674,9 @@ def write_figures(out_dir: PathLike, scales: Sequence[PathLike] = (),
 
 
 def _write_val_curves(metrics: Sequence[PathLike], out_dir: Path) -> list[Path]:
-    histories = collect_histories(metrics)
-    tasks = sorted({str(files.read_json(p).get("task", "")) for p in metrics})
+    records = [files.read_json(path) for path in metrics]
+    histories = _histories(records)
+    tasks = sorted({str(record.get("task", "")) for record in records})
     written = []
     for task in tasks:
         suffix = f"_{task}" if len(tasks) > 1 else ""
