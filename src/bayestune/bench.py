@@ -140,7 +140,7 @@ def _delta_sizes(model, workdir: Path) -> dict:
     files.save_delta(workdir / "delta.safetensors", delta, dict(DELTA_META))
     return {"delta_bytes": (workdir / "delta.safetensors").stat().st_size,
             "full_state_bytes": (workdir / "full.safetensors").stat().st_size,
-            "delta_scalars": sum(idx.numel() for idx, _ in delta.values())}
+            "delta_scalars": sum(vals.numel() for _, vals in delta.values())}
 
 
 def _stage1_step(model, batch, device) -> tuple[Callable[[], None], dict]:
