@@ -186,6 +186,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print_table(run_bench(args.out, model=args.model, steps=args.steps, device=args.device))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from bayestune.plan import format_plan, make_plan
+
+    print(format_plan(make_plan(args.configfile, args.directory, costs_file=args.costs,
+                                remaining=args.remaining)))
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from bayestune import sweep
 
@@ -215,6 +222,11 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--eval-batch-size", type=int, default=64)
         parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        parser.add_argument("--gpu-slots", type=Path, default=None,
+                            help="folder of GPU slot locks shared by a run's jobs: with several "
+                                 "GPUs visible, auto and cuda take a free slot's GPU")
+        parser.add_argument("--jobs-per-gpu", type=int, default=1,
+                            help="with --gpu-slots: jobs that may share one GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("plan", help="jobs, device-hours and disk of a workflow config, before "
+                                    "running it (from a Snakemake dry run)")
+    p.add_argument("--configfile", required=True, help="workflow config, e.g. config/config.yaml")
+    p.add_argument("--directory", type=Path, default=Path("."),
+                   help="repository root holding the Snakefile (default: here)")
+    p.add_argument("--costs", type=Path, default=None,
+                   help="seconds per step table (default: config/costs.yaml)")
+    p.add_argument("--remaining", action="store_true",
+                   help="only the jobs still to run (default: the whole run)")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("sweep", help="validation scores of a grid of stage-1 settings (and of "
                                      "the other methods) through mask and stage 2")
     p.add_argument("--config", type=Path, required=True, help="workflow config, e.g. "
@@ -319,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
     try:
+        if getattr(args, "gpu_slots", None) is not None:
+            from bayestune.devices import assign_device
+
+            args.device = str(assign_device(args.device, args.gpu_slots, args.jobs_per_gpu))
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Bad input and failed runs end with one clear line, not a traceback.

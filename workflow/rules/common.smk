@@ -38,6 +38,9 @@ GRADIENT = ["magnitude", "fisher", "sam"]  # score masks from training data: dat
 MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
 # Locally `gpu` limits nothing unless --resources gpu=N; on SLURM gpu=1 becomes --gpus=1.
 GPU = 0 if config["device"] == "cpu" else 1
+# Snakemake counts GPUs but assigns none: a GPU job locks a free slot file here when it starts
+# and runs on GPU slot // jobs_per_gpu (bayestune.devices); a job that sees one GPU skips it.
+GPU_SLOTS = f"{RES}/.gpu_slots"
 # The package's command line from the Python running Snakemake, so a run needs no activated
 # virtual environment (cluster jobs start the same interpreter from the shared file system).
 BAYESTUNE = shlex.quote(sys.executable) + " -m bayestune" + ("" if config["progress"] else " -q")
@@ -91,6 +94,13 @@ def cli_flags(options, prefix=""):
         else:
             parts.append(f"--{name} {shlex.quote(_flag_value(value))}")
     return " ".join(parts)
+
+
+def gpu_slot_flags(uses_gpu=True):
+    """--gpu-slots for a job that asks for a GPU, so that local jobs spread over the GPUs."""
+    if not (GPU and uses_gpu):
+        return ""
+    return f"--gpu-slots {shlex.quote(GPU_SLOTS)} --jobs-per-gpu {config['jobs_per_gpu']}"
 
 
 def data_dir_flag():

@@ -14,6 +14,7 @@ rule finetune:
         cli=BAYESTUNE,
         model=config["model"],
         device=config["device"],
+        gpu_slots=gpu_slot_flags(),
         out_dir=lambda wc: run_dir(wc.method, wc.task, wc.label, wc.seed),
         source=finetune_source,
         flags=finetune_flags,
@@ -25,5 +26,5 @@ rule finetune:
     shell:
         "OMP_NUM_THREADS={threads} {params.cli} finetune --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed}"
-        " --out-dir {params.out_dir} --device {params.device} {params.source} {params.flags}"
+        " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots} {params.source} {params.flags}"
         " > {log} 2>&1"

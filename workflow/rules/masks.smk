@@ -15,6 +15,7 @@ rule mask:
         cli=BAYESTUNE,
         model=config["model"],
         device=config["device"],
+        gpu_slots=lambda wc: gpu_slot_flags(wc.method in GRADIENT),
         budgets=budgets_flag(BUDGETS),
         out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
         inputs=mask_options,
@@ -28,7 +29,7 @@ rule mask:
         "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
         " --budgets {params.budgets} --out-dir {params.out_dir} --device {params.device}"
-        " {params.inputs} {params.flags} > {log} 2>&1"
+        " {params.gpu_slots} {params.inputs} {params.flags} > {log} 2>&1"
 
 
 rule mask_fixed:

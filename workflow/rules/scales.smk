@@ -14,6 +14,7 @@ rule sample:
         cli=BAYESTUNE,
         model=config["model"],
         device=config["device"],
+        gpu_slots=gpu_slot_flags(),
         checkpoint=lambda wc: checkpoint_file(wc.task, wc.seed),
         flags=cli_flags(config["sampler"]),
     threads: res("sample", "threads")
@@ -25,5 +26,5 @@ rule sample:
     shell:
         "OMP_NUM_THREADS={threads} {params.cli} sample --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output}"
-        " --checkpoint {params.checkpoint} --device {params.device} {params.flags}"
+        " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots} {params.flags}"
         " > {log} 2>&1"

@@ -1,0 +1,151 @@
+"""`bayestune plan`: job counts from Snakemake's dry run, hours from steps x measured cost,
+disk from the file formats (checked against files actually written), DVC cache from dvc.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_workflow import copy_workflow
+
+from bayestune import cli, files, sizes
+from bayestune.delta import make_delta
+from bayestune.plan import format_plan, make_plan, parse_job_stats
+
+REPO = Path(__file__).resolve().parents[1]
+COSTS = yaml.safe_load((REPO / "config/costs.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return copy_workflow(tmp_path_factory.mktemp("plan"))
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(workdir):
+    return make_plan("tests/config/tiny.yaml", workdir)
+
+
+@pytest.fixture(scope="module")
+def paper_plan(workdir):
+    return make_plan("config/config.yaml", workdir)
+
+
+def planned(plan, rule: str) -> list:
+    return [job for job in plan.jobs if job.rule == rule]
+
+
+def test_jobs_are_snakemakes(tiny_plan) -> None:
+    counts = tiny_plan.job_counts
+    assert counts["total"] == sum(n for rule, n in counts.items() if rule != "total")
+    for rule, n in counts.items():
+        if rule != "total":
+            assert len(planned(tiny_plan, rule)) == n, rule
+    # tiny.yaml: 2 tasks x 1 seed; bayestune and random at 2 budgets, plus full
+    assert (counts["sample"], counts["mask"], counts["finetune"]) == (2, 4, 10)
+
+
+def test_hours_are_steps_times_measured_cost(tiny_plan) -> None:
+    config = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    cpu = COSTS["models"]["minilm"]["seconds_per_step"]["cpu"]
+    # measured at 16 x 128 tokens; tiny.yaml runs batches of 8 x 64
+    scale = config["sampler"]["batch_size"] * config["max_length"] / (16 * 128)
+    for job in planned(tiny_plan, "sample"):
+        assert job.steps == config["sampler"]["steps"]
+        assert job.hours == pytest.approx(job.steps * cpu["stage1"] * scale / 3600)
+    full = [j for j in planned(tiny_plan, "finetune") if any("/full/" in f.path for f in j.files)]
+    masked = [j for j in planned(tiny_plan, "finetune") if j not in full]
+    steps = config["finetune"]["max_steps"]
+    assert len(full) == 2 and len(masked) == 8
+    assert all(j.hours == pytest.approx(steps * cpu["adamw"] * scale / 3600) for j in full)
+    assert all(j.hours == pytest.approx(steps * cpu["stage2"] * scale / 3600) for j in masked)
+    assert tiny_plan.device == "cpu" and "CPU-hours" in format_plan(tiny_plan)
+
+
+def test_paper_plan(paper_plan) -> None:
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    runs = len(config["tasks"]) * len(config["seeds"])
+    assert paper_plan.job_counts["sample"] == runs
+    assert 124.5e6 < paper_plan.n_scalars < 124.8e6
+    gpu = COSTS["models"]["roberta-base"]["seconds_per_step"]["cuda"]
+    stage1 = sum(job.hours for job in planned(paper_plan, "sample"))
+    expected = runs * config["sampler"]["steps"] * gpu["stage1"] * (256 / 128) / 3600
+    assert stage1 == pytest.approx(expected)
+    kinds = paper_plan.by_kind().set_index("kind")
+    assert kinds.loc["scale files", "results"] == pytest.approx(runs * 4 * paper_plan.n_scalars,
+                                                                rel=1e-3)
+    assert kinds.loc["masks", "files"] == paper_plan.job_counts["mask"] * len(
+        config["budgets"]) + paper_plan.job_counts["mask_fixed"]
+    # a mask at 0.5% of RoBERTa-base: about 4 bytes per selected scalar, not a byte per scalar
+    masks = [f for job in paper_plan.jobs for f in job.files
+             if f.kind == "masks" and f.path.endswith("p0.005.safetensors")
+             and "/bitfit/" not in f.path]
+    assert all(2.4e6 < f.bytes < 2.6e6 for f in masks)
+    assert paper_plan.cache_bytes <= 10e9
+    assert kinds.loc["scale files", "cache"] == 0 and kinds.loc["deltas, full", "cache"] == 0
+    assert kinds.loc["masks", "cache"] == kinds.loc["masks", "results"]
+    text = format_plan(paper_plan)
+    assert "GPU-hours" in text and "--resources gpu=" in text
+    assert "tracked, not cached: results/scales, results/finetune" in text
+
+
+def test_remaining_jobs_only(workdir) -> None:
+    plan = make_plan("tests/config/tiny.yaml", workdir, remaining=True)
+    assert plan.job_counts["total"] == 23  # nothing has run in the copy yet
+    assert parse_job_stats("Building DAG of jobs...\nNothing to be done.") == {}
+
+
+def _exact_masks(shapes, counts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, shape in shapes.items():
+        flat = torch.zeros(sizes.numel(shape), dtype=torch.bool)
+        flat[torch.randperm(flat.numel(), generator=gen)[:counts[name]]] = True
+        masks[name] = flat.reshape(shape)
+    return masks
+
+
+SHAPES = {"encoder.embed.weight": (300, 400), "encoder.layer.weight": (70_000,),
+          "encoder.layer.bias": (17,), "head.out.weight": (5, 300), "head.out.bias": (5,)}
+
+
+@pytest.mark.parametrize(("method", "budget"), [("random", 0.005), ("random", 0.2),
+                                                ("bitfit", 0.005)])
+def test_mask_estimate_is_the_written_file(tmp_path, method, budget) -> None:
+    counts = sizes.selected_counts(SHAPES, method, budget)
+    path = tmp_path / "mask.safetensors"
+    files.save_mask(path, _exact_masks(SHAPES, counts), {"method": method, "budget": budget})
+    assert sizes.mask_file_bytes(SHAPES, counts) == pytest.approx(path.stat().st_size, abs=600)
+
+
+@pytest.mark.parametrize("kind", ["full", "masked", "lora"])
+def test_delta_estimate_is_the_written_file(tmp_path, kind) -> None:
+    shapes = {**SHAPES, "encoder.attn.query.weight": (200, 200), "encoder.attn.key.weight":
+              (200, 200)}
+    if kind == "full":
+        changed = sizes.full_changes(shapes)
+    elif kind == "masked":
+        changed = sizes.selected_counts(shapes, "bayestune", 0.01)
+    else:
+        changed = sizes.lora_changes(shapes, "query,value")
+        assert set(changed) == {"encoder.attn.query.weight", "head.out.weight", "head.out.bias"}
+    theta0 = {n: torch.zeros(s) for n, s in shapes.items()}
+    model = torch.nn.Module()
+    for n, m in _exact_masks(shapes, {n: changed.get(n, 0) for n in shapes}).items():
+        model.register_parameter(n.replace(".", "_"), torch.nn.Parameter(m.float()))
+    delta = make_delta(model, {n.replace(".", "_"): t for n, t in theta0.items()})
+    path = tmp_path / "delta.safetensors"
+    files.save_delta(path, delta, {})
+    estimate = sizes.delta_file_bytes(shapes, changed)
+    assert estimate == pytest.approx(path.stat().st_size, abs=600)
+
+
+def test_cli_prints_the_plan_or_one_clear_error(workdir, tmp_path, capsys) -> None:
+    assert cli.main(["plan", "--configfile", "tests/config/tiny.yaml", "--directory",
+                     str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "plan for tests/config/tiny.yaml: 23 jobs" in out and "CPU-hours" in out
+    assert cli.main(["plan", "--configfile", "config.yaml", "--directory", str(tmp_path)]) == 2
+    assert "no Snakefile" in capsys.readouterr().err
