@@ -91,6 +91,20 @@ def test_paper_plan(paper_plan) -> None:
     assert "tracked, not cached: results/scales, results/finetune" in text
 
 
+def test_gpu_jobs_take_a_gpu_slot(paper_plan, tiny_plan) -> None:
+    gradient = {"magnitude", "fisher", "sam"}
+    for job in paper_plan.jobs:
+        if job.command is None or job.command[0] not in ("sample", "finetune", "mask"):
+            continue
+        wants_gpu = job.command[0] != "mask" or job.command[job.command.index("--method") + 1] \
+            in gradient
+        assert ("--gpu-slots" in job.command) == wants_gpu, job.command
+        if wants_gpu:
+            assert job.command[job.command.index("--gpu-slots") + 1] == "results/.gpu_slots"
+    # device: cpu asks for no GPU, so no job takes a slot
+    assert not any("--gpu-slots" in (job.command or []) for job in tiny_plan.jobs)
+
+
 def test_remaining_jobs_only(workdir) -> None:
     plan = make_plan("tests/config/tiny.yaml", workdir, remaining=True)
     assert plan.job_counts["total"] == 23  # nothing has run in the copy yet

@@ -56,6 +56,7 @@ class PlannedFile:
 @dataclass
 class PlannedJob:
     rule: str
+    command: list[str] | None = None  # argv after ``bayestune``
     steps: int = 0
     hours: float = 0.0
     files: list[PlannedFile] = field(default_factory=list)
@@ -345,7 +346,7 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     jobs = []
     for dry in dry_jobs:
         args = _parse(parser, dry)
-        job = PlannedJob(rule=dry.rule, files=file_sizes.files(dry, args))
+        job = PlannedJob(rule=dry.rule, command=dry.command, files=file_sizes.files(dry, args))
         for kind, steps in job_steps(args) if args is not None else []:
             job.steps += steps
             job.hours += per_step.hours(kind, steps, args.batch_size, tokens, costs["reference"])
