@@ -247,14 +247,16 @@ def _under(path: str, out: str) -> bool:
 class _FileSizes:
     """Bytes of each output of one job, by the command that writes it."""
 
-    def __init__(self, shapes: sizes.Shapes, max_length: int):
-        self.shapes, self.max_length = shapes, max_length
+    def __init__(self, shapes: sizes.Shapes, max_length: int, benchmark: str):
+        self.shapes, self.max_length, self.benchmark = shapes, max_length, benchmark
         self.unsized_tasks: list[str] = []  # no local copy of their data to count rows in
 
     def files(self, job: DryRunJob, args: Namespace | None) -> list[PlannedFile]:
         if args is None:
             return [PlannedFile(p, "tables and figures", sizes.SMALL_FILE_BYTES)
                     for p in job.outputs]
+        if args.command == "prepare" and self.benchmark == "vtab":  # image lists, no pixels
+            return [PlannedFile(p, "prepared data", sizes.SMALL_FILE_BYTES) for p in job.outputs]
         if args.command == "prepare":
             size = sizes.prepared_bytes(args.data_dir and str(args.data_dir), args.task,
                                         self.max_length)
@@ -277,7 +279,7 @@ class _FileSizes:
 
     def _finetune(self, path: str, args: Namespace, job: DryRunJob) -> PlannedFile:
         if not path.endswith(".safetensors"):
-            return PlannedFile(path, "metrics", 1_000)
+            return PlannedFile(path, "metrics", sizes.METRICS_BYTES)
         if args.mask is not None:
             method = job.wildcards.get("method", "")
             changed = sizes.selected_counts(self.shapes, method, _budget_of(str(args.mask)))
@@ -342,7 +344,7 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     counts, dry_jobs = dry_run(configfile, root, remaining)
     stage, outs = dvc_outs(root, configfile)
     parser = build_parser()
-    file_sizes = _FileSizes(shapes, int(config["max_length"]))
+    file_sizes = _FileSizes(shapes, int(config["max_length"]), benchmark)
     jobs = []
     for dry in dry_jobs:
         args = _parse(parser, dry)

@@ -26,7 +26,8 @@ FLOAT_BYTES = 4              # scale files and deltas hold fp32 values
 # lambda sit in a scratch file of two more while stage 1 runs.
 CHECKPOINT_MODELS = 3
 RUNNING_STATS_MODELS = 2
-SMALL_FILE_BYTES = 100_000   # a metrics record, table or figure: at most this
+SMALL_FILE_BYTES = 100_000   # a table or figure: at most this
+METRICS_BYTES = 5_000        # one run's metrics.json with its validation curve
 TEXT_HEAD = ("classification", 2)
 VISION_CLASSES = 100         # heads differ per task by a few thousand scalars at most
 PREPARED_FIELDS = 3          # token ids, attention mask and token types (int32) per position
@@ -50,7 +51,7 @@ def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping]) 
                              "with its scalar count to config/costs.yaml") from err
         return {"(all scalars)": (int(entry["scalars"]),)}, "scalar count from the cost table"
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    return shapes, "shapes from the model's config, no weights loaded"
+    return shapes, "shapes built on the meta device, no weights loaded"
 
 
 def known_model(model_name: str, known: Mapping[str, Mapping]) -> Mapping | None:
