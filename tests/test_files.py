@@ -152,6 +152,10 @@ def test_damaged_or_future_mask_files_are_refused(tmp_path) -> None:
              {"format_version": 2, "shapes": {"w": [10], "b": [3]}})
     with pytest.raises(FileFormatError, match="do not match"):
         files.load_mask(path)
+    _rewrite(path, {"w::other": torch.zeros(2, dtype=torch.uint8)},
+             {"format_version": 2, "shapes": shapes})
+    with pytest.raises(FileFormatError, match="neither indices nor packed bits"):
+        files.load_mask(path)
     _rewrite(path, {"w::bits": torch.zeros(2, dtype=torch.uint8)},
              {"format_version": 3, "shapes": shapes})
     with pytest.raises(FileFormatError, match="newer than this bayestune reads"):

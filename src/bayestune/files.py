@@ -206,7 +206,11 @@ def _decode_mask(path: PathLike, name: str, shape: list[int], stored: Tensors) -
                                   f"{numel} scalars; the file is corrupt, rerun the mask stage")
         bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
         return torch.from_numpy(bits.astype(bool)).reshape(shape)
-    indices = stored[f"{name}::indices"].to(torch.int64)
+    indices = stored.get(f"{name}::indices")
+    if indices is None:
+        raise FileFormatError(f"{path}: {name} has neither indices nor packed bits; the file is "
+                              "corrupt, rerun the mask stage")
+    indices = indices.to(torch.int64)
     if indices.dim() != 1 or (indices.numel() and (
             int(indices[0]) < 0 or int(indices[-1]) >= numel
             or not bool((indices[1:] > indices[:-1]).all()))):

@@ -85,9 +85,8 @@ class Plan:
             row["hours"] += job.hours
             row["results"] += sum(f.bytes for f in job.files)
             row["cache"] += sum(f.bytes for f in job.files if f.cached)
-        table = pd.DataFrame([{"rule": rule, "jobs": count, **rows[rule]}
-                              for rule, count in self.job_counts.items() if rule != "total"])
-        return table
+        return pd.DataFrame([{"rule": rule, "jobs": count, **rows[rule]}
+                             for rule, count in self.job_counts.items() if rule != "total"])
 
     def by_kind(self) -> pd.DataFrame:
         rows = defaultdict(lambda: {"files": 0, "results": 0, "cache": 0})
@@ -96,14 +95,6 @@ class Plan:
             rows[f.kind]["results"] += f.bytes
             rows[f.kind]["cache"] += f.bytes if f.cached else 0
         return pd.DataFrame([{"kind": kind, **row} for kind, row in rows.items()])
-
-    @property
-    def hours(self) -> float:
-        return sum(job.hours for job in self.jobs)
-
-    @property
-    def results_bytes(self) -> int:
-        return sum(f.bytes for job in self.jobs for f in job.files)
 
     @property
     def cache_bytes(self) -> int:
