@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 lint: install
 	$(BIN)/ruff check src tests
 
+# -rs prints why a test was skipped (the SLURM test needs root and apt-get or Debian's slurm
+# packages; where it runs it prints the jobs it submitted and its wall time).
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 demo: install
 	$(BIN)/snakemake --cores all --configfile config/demo.yaml

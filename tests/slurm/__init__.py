@@ -1,0 +1,1 @@
+"""A one-node SLURM cluster for the real-scheduler test (tests/test_slurm_cluster.py)."""
