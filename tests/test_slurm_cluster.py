@@ -159,11 +159,14 @@ def test_tiny_run_with_a_cancelled_sampler(cluster, tmp_path, glue_dir, capsys):
     resumed = re.search(r"stage 1 resumed from step (\d+)",
                         sampler_log.read_text() if sampler_log.exists() else "")
     job, state = cancelled["job"], cancelled["state"]
+    sacct = subprocess.run(["sacct", "-X", "--noheader"], env=cluster.env(),
+                           capture_output=True, text=True)
     packages = (f"installed in {cluster.installed_in:.0f} s" if cluster.installed_in
                 else "already installed")
     summary = "\n".join([
         f"SLURM end to end ({slurm_version(cluster)}, one node: {cluster.hardware['CPUs']} CPUs, "
-        f"{cluster.mem_mb} MB; packages {packages})",
+        f"{cluster.mem_mb} MB; packages {packages}; no accounting database, sacct says "
+        f"{(sacct.stdout + sacct.stderr).strip()!r})",
         f"  sbatch jobs ({len(jobs)}): "
         + ", ".join(f"{j} {rule}{'[' + wc + ']' if wc else ''}" for j, rule, wc in jobs),
         f"  scancel {job} (sample, RUNNING, checkpoint written) -> {state}; resubmitted as "
@@ -179,6 +182,9 @@ def test_tiny_run_with_a_cancelled_sampler(cluster, tmp_path, glue_dir, capsys):
     assert job is not None, ("the sampler job was never seen running after its first "
                              f"checkpoint; raise SAMPLER_STEPS\n{context}")
     assert rc == 0, context
+    # The profile's status command worked where sacct cannot (the plugin's default).
+    assert sacct.returncode != 0 and "accounting storage is disabled" in sacct.stderr + \
+        sacct.stdout, context
     assert state == "CANCELLED", context
     assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'" in output, context
     assert len(sample_jobs) == 2 and sample_jobs[0] == job, context  # one retry

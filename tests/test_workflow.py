@@ -2,7 +2,8 @@
 
 * dry runs of the paper's configs: job counts per rule, and every shell command the rules
   would run parses with the real `bayestune` command line (flags and CLI stay in step);
-* the SLURM profile against stub `sbatch`/`sacctmgr`/... scripts: GPU rules ask for a GPU;
+* the SLURM profile against stub `sbatch`/`sacctmgr`/... scripts: GPU rules ask for a GPU,
+  which a CPU node cannot show (tests/test_slurm_cluster.py runs jobs on a real scheduler);
 * the tiny config end to end through `dvc repro` (tables, figures, then nothing to redo);
 * a stage-1 job killed mid-run resumes from its checkpoint when the command is rerun.
 """

@@ -10,6 +10,7 @@ hand, as root:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -99,6 +100,12 @@ def topology(hardware: dict[str, str]) -> str:
     return " ".join(f"{key}={hardware[key]}" for key in keys if key in hardware)
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class LocalSlurm:
     """munged + slurmctld + slurmd with their config, key, state and logs under ``root``.
 
@@ -152,9 +159,12 @@ class LocalSlurm:
 
     # --- daemons -------------------------------------------------------------------------------
     def _spawn(self, name: str, *argv: str) -> None:
+        # Own session: a Ctrl-C meant for pytest does not reach the daemons before stop() has
+        # cancelled the jobs. Parent-death signal: they still go if this process is killed.
         with open(self.root / f"log/{name}.out", "ab") as log:  # the child keeps its own copy
             self.daemons[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                  env=self.env(), start_new_session=True)
+                                                  env=self.env(), start_new_session=True,
+                                                  preexec_fn=_terminate_with_parent)
 
     def start(self, timeout: float = 90) -> None:
         self.write_files()
