@@ -36,16 +36,20 @@ SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def packages_installed_in() -> float:
+    """Seconds apt-get took to install Slurm (0: it was there); skips where it cannot run."""
     reason = why_it_cannot_run()
     if reason:
-        pytest.skip(f"no local SLURM cluster: {reason}")
-    installed_in = install_packages()
+        pytest.skip(f"no local SLURM cluster here: {reason}")
+    return install_packages()
+
+
+@pytest.fixture(scope="module")
+def cluster(packages_installed_in):
     # munged wants every folder above its socket traversable: pytest's tmp_path (0700) is not.
     root = Path(tempfile.mkdtemp(prefix="bayestune-slurm-"))
     try:
-        with LocalSlurm(root) as started:
-            started.installed_in = installed_in
+        with LocalSlurm(root) as started:  # stopped on the way out, also after a failure
             yield started
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -121,7 +125,8 @@ def test_a_request_larger_than_the_node_is_refused(cluster, tmp_path, glue_dir):
         output[-3000:]
 
 
-def test_tiny_run_with_a_cancelled_sampler(cluster, tmp_path, glue_dir, capsys):
+def test_tiny_run_with_a_cancelled_sampler(cluster, packages_installed_in, tmp_path, glue_dir,
+                                           capsys):
     run = copy_workflow(tmp_path / "run")
     tiny = run / "tests/config/tiny.yaml"
     config = write_config(
@@ -161,7 +166,7 @@ def test_tiny_run_with_a_cancelled_sampler(cluster, tmp_path, glue_dir, capsys):
     job, state = cancelled["job"], cancelled["state"]
     sacct = subprocess.run(["sacct", "-X", "--noheader"], env=cluster.env(),
                            capture_output=True, text=True)
-    packages = (f"installed in {cluster.installed_in:.0f} s" if cluster.installed_in
+    packages = (f"installed in {packages_installed_in:.0f} s" if packages_installed_in
                 else "already installed")
     summary = "\n".join([
         f"SLURM end to end ({slurm_version(cluster)}, one node: {cluster.hardware['CPUs']} CPUs, "

@@ -43,13 +43,12 @@ def missing_packages() -> list[str]:
 def why_it_cannot_run() -> str | None:
     """Why this machine cannot host the cluster, or None when it can (it may need apt-get)."""
     if not sys.platform.startswith("linux"):
-        return f"a local SLURM cluster needs Linux, this is {sys.platform}"
+        return f"not Linux ({sys.platform})"
     if os.geteuid() != 0:
-        return (f"a local SLURM cluster needs root (slurmd runs jobs as their user); uid is "
-                f"{os.geteuid()}")
+        return f"not root (uid {os.geteuid()}): slurmd must run as root to start jobs"
     missing = missing_packages()
     if missing and shutil.which("apt-get") is None:
-        return f"Debian packages {' '.join(missing)} are missing and there is no apt-get"
+        return f"Debian packages {' '.join(missing)} missing and no apt-get to install them"
     return None
 
 
