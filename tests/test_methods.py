@@ -1,4 +1,5 @@
-"""Mask-selection methods and LoRA on a tiny random BERT task model and on hand-built toys."""
+"""Mask-selection methods and LoRA on a tiny random BERT task model and on hand-built toys: each
+method against its published definition, the registry, and magnitude's start file end to end."""
 
 from __future__ import annotations
 
@@ -8,23 +9,32 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from bayestune.masks import budget_count
+from bayestune import files
+from bayestune.masks import budget_count, masks_from_scores
 from bayestune.methods import (
     METHODS,
+    REGISTRY,
     LoraSettings,
     MethodConfig,
+    MethodError,
     lora_trainable_fraction,
     mask_overlap,
     merge_lora,
     method_scores,
+    published_label,
+    ranking_options,
     select_masks,
     wrap_lora,
 )
+from bayestune.methods.gradient import single_examples
+from bayestune.methods.magnitude import magnitude_start
+from bayestune.methods.random_mask import keep_probability
 from bayestune.models.base import TaskModel, TaskOutput, is_head, task_loss
 
 BUDGETS = [0.01, 0.05, 0.2]
-FAST = MethodConfig(magnitude_steps=3, fisher_batches=3, sam_steps=3)
+FAST = MethodConfig(magnitude_steps=3, lt_sft_steps=3, fisher_examples=6, sam_steps=3)
 HIDDEN, LAYERS, VOCAB = 16, 2, 50
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class TinyBert(TaskModel):
@@ -77,6 +87,10 @@ def selected(mask: dict[str, torch.Tensor], name: str) -> set[int]:
     return set(torch.nonzero(mask[name].reshape(-1)).squeeze(1).tolist())
 
 
+def nested(small: dict, large: dict) -> bool:
+    return all(bool((small[n] <= large[n]).all()) for n in small)
+
+
 @pytest.fixture(scope="module")
 def model() -> TinyBert:
     return TinyBert()
@@ -93,33 +107,71 @@ def run(name, model, budgets=BUDGETS, seed=0, config=FAST, scores=None, batches=
     return select_masks(name, model, batches, task_loss, budgets, seed, config, scores=scores)
 
 
-@pytest.mark.parametrize("name", ["bayestune", "random", "magnitude", "fisher"])
+# --- the registry ----------------------------------------------------------------------------
+def test_registry_names_every_method_once_with_its_published_row():
+    from bayestune.reports import PUBLISHED_GLUE
+
+    assert list(REGISTRY) == ["full", "lora", "bitfit", "random", "magnitude", "lt-sft",
+                              "fisher", "sam", "bayestune"]
+    assert set(METHODS) == set(REGISTRY) - {"lora"}
+    labels = {name: spec.published for name, spec in REGISTRY.items()}
+    assert labels == {"full": "full fine-tuning", "lora": "LoRA", "bitfit": "BitFit",
+                      "random": "random mask", "magnitude": "magnitude pruning", "lt-sft": None,
+                      "fisher": None, "sam": "SAM", "bayestune": None}
+    assert {label for label in labels.values() if label} <= set(PUBLISHED_GLUE)
+    assert [n for n, s in REGISTRY.items() if s.needs_data] == ["magnitude", "lt-sft", "fisher",
+                                                                "sam"]
+    assert [n for n, s in REGISTRY.items() if s.writes_start] == ["magnitude"]
+
+
+def test_head_defaults_per_method_and_config_overrides():
+    default = MethodConfig()
+    expect = {"random": (False, True, False), "magnitude": (True, True, False),
+              "sam": (True, True, False), "fisher": (False, True, True),
+              "lt-sft": (False, False, True), "bayestune": (False, False, True)}
+    for name, (per_tensor, keep_head, counts) in expect.items():
+        assert ranking_options(name, default) == {
+            "per_tensor": per_tensor, "keep_head": keep_head,
+            "head_counts_toward_budget": counts}, name
+    changed = MethodConfig(per_tensor=False, keep_head=False)
+    assert ranking_options("sam", changed)["per_tensor"] is False
+    assert ranking_options("sam", changed)["keep_head"] is False
+    # A run whose ranking differs from the published definition gets no published row.
+    assert published_label("sam", ranking_options("sam", default)) == "SAM"
+    assert published_label("sam", ranking_options("sam", changed)) is None
+    assert published_label("lt-sft", ranking_options("lt-sft", default)) is None
+    assert published_label("lora", {"lora_preset": "default"}) is None
+    assert published_label("lora", {"lora_preset": "sam"}) == "LoRA"
+    with pytest.raises(MethodError, match="unknown method 'nope'; known methods: full, lora"):
+        published_label("nope", {})
+
+
+# --- masks of every method ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["bayestune", "lt-sft", "fisher"])
 def test_global_methods_give_nested_masks_of_budget_size(model, name):
     masks = run(name, model)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     total = sum(p.numel() for p in model.parameters())
-    assert list(masks) == BUDGETS
-    previous = None
+    assert list(masks) == BUDGETS and masks.start is None
     for budget in BUDGETS:
         mask = masks[budget]
         assert {n: m.shape for n, m in mask.items()} == shapes
         assert all(m.dtype == torch.bool for m in mask.values())
         assert sum(int(m.sum()) for m in mask.values()) == budget_count(budget, total)
-        if previous is not None:
-            assert all(bool((previous[n] <= mask[n]).all()) for n in mask)
-        previous = mask
+    assert nested(masks[BUDGETS[0]], masks[BUDGETS[1]])
+    assert nested(masks[BUDGETS[1]], masks[BUDGETS[2]])
 
 
-def test_sam_keeps_the_head_and_ranks_within_each_tensor(model):
-    masks = run("sam", model)
+@pytest.mark.parametrize("name", ["sam", "magnitude"])
+def test_sam_repo_methods_keep_the_head_and_rank_within_each_tensor(model, name):
+    masks = run(name, model)
     for budget, mask in masks.items():
-        for name, m in mask.items():
-            if is_head(name):
-                assert bool(m.all()), name
+        for tensor, m in mask.items():
+            if is_head(tensor):
+                assert bool(m.all()), tensor
             else:
-                assert int(m.sum()) == budget_count(budget, m.numel()), name
-    small, large = masks[BUDGETS[0]], masks[BUDGETS[-1]]
-    assert all(bool((small[n] <= large[n]).all()) for n in small)
+                assert int(m.sum()) == budget_count(budget, m.numel()), tensor
+    assert nested(masks[BUDGETS[0]], masks[BUDGETS[-1]])
 
 
 def test_full_and_bitfit_follow_their_own_rule(model):
@@ -134,7 +186,7 @@ def test_full_and_bitfit_follow_their_own_rule(model):
     assert bitfit[BUDGETS[0]] is bitfit[BUDGETS[-1]]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", list(METHODS))
 def test_methods_leave_the_model_and_global_rng_alone(model, name):
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     rng = torch.get_rng_state()
@@ -148,68 +200,201 @@ def test_methods_leave_the_model_and_global_rng_alone(model, name):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_random_is_seeded(model):
-    first, again, other = (run("random", model, seed=s)[0.05] for s in (1, 1, 2))
-    assert all(torch.equal(first[n], again[n]) for n in first)
-    assert any(not torch.equal(first[n], other[n]) for n in first)
+# --- random: the SAM repo's randmask ------------------------------------------------------------
+class Wide(TaskModel):
+    """Two encoder tensors of 20000 and 5000 scalars and a head of 30."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleDict({"a": nn.Linear(200, 100, bias=False),
+                                      "b": nn.Linear(100, 50, bias=False)})
+        self.head = nn.Linear(10, 3)
 
 
-# Column 1 has the largest gradients but they flip sign from batch to batch.
-ROWS = [[5, 8, 3, 0.1, 0, 1], [5, -8, 3, 0.1, 0, 1]] * 2
+def test_random_keeps_each_encoder_scalar_with_probability_p_and_the_whole_head():
+    wide = Wide()
+    masks = select_masks("random", wide, None, task_loss, [0.05, 0.2], 3, MethodConfig())
+    for p, mask in masks.items():
+        assert mask["head.weight"].all() and mask["head.bias"].all()
+        for name in ("encoder.a.weight", "encoder.b.weight"):
+            n = mask[name].numel()
+            sd = (n * p * (1 - p)) ** 0.5
+            assert abs(int(mask[name].sum()) - n * p) < 5 * sd, (name, p)  # binomial, drawn
+    assert nested(masks[0.05], masks[0.2])
+    again = select_masks("random", wide, None, task_loss, [0.05], 3, MethodConfig())[0.05]
+    other = select_masks("random", wide, None, task_loss, [0.05], 4, MethodConfig())[0.05]
+    assert all(torch.equal(again[n], masks[0.05][n]) for n in again)
+    assert not torch.equal(other["encoder.a.weight"], again["encoder.a.weight"])
 
 
-def test_fisher_ranks_squared_gradients():
-    config = MethodConfig(fisher_batches=4)
-    masks = run("fisher", Toy(), budgets=[0.3, 0.5], config=config, batches=toy_batches(ROWS))
-    # D = 7: floor(0.3 * 7) = 2, floor(0.5 * 7) = 3 scalars; fisher = sum of x_i^2
-    assert selected(masks[0.3], "encoder.weight") == {0, 1}
-    assert selected(masks[0.5], "encoder.weight") == {0, 1, 2}
-    assert not masks[0.5]["head.weight"].any()
-    scores = method_scores("fisher", Toy(), toy_batches(ROWS), task_loss, 0, config)
-    assert torch.allclose(scores["encoder.weight"][0], torch.tensor([100, 256, 36, 0.04, 0, 4.]))
+def test_random_with_the_head_inside_the_budget_or_drawn_like_the_rest():
+    wide = Wide()
+    n_total, n_head = 25033, 33
+    inside = MethodConfig(head_counts_toward_budget=True)
+    assert keep_probability(0.1, n_total, n_head, True, True) == pytest.approx(
+        (0.1 * n_total - n_head) / (n_total - n_head))
+    mask = select_masks("random", wide, None, task_loss, [0.1], 0, inside)[0.1]
+    assert mask["head.weight"].all()
+    assert abs(sum(int(m.sum()) for m in mask.values()) - 0.1 * n_total) < 5 * (
+        n_total * 0.1 * 0.9) ** 0.5
+    drawn = select_masks("random", wide, None, task_loss, [0.1], 0,
+                         MethodConfig(keep_head=False))[0.1]
+    assert not drawn["head.weight"].all()
+
+
+# --- magnitude: the SAM repo's magprun ------------------------------------------------------------
+def test_magnitude_ranks_abs_theta_per_tensor_after_real_updates_and_hands_over_its_start():
+    toy = Toy()
+    with torch.no_grad():  # scalar 3 is large and gets no gradient: |theta| keeps it first
+        toy.encoder.weight[0, 3] = 5.0
+    rows = [[1, 0, 2, 0, 0, 3]]
+    config = MethodConfig(magnitude_steps=4, magnitude_lr=0.1, magnitude_warmup_epochs=0,
+                          grad_clip=0)
+    masks = select_masks("magnitude", toy, toy_batches(rows), task_loss, [0.2, 0.7], 0, config)
+    start = masks.start
+    # Three Adam updates of lr 0.1 against a steady gradient, weight decay 0.01 of theta.
+    moved = start["encoder.weight"][0] - toy.encoder.weight[0].detach()
+    assert torch.allclose(moved[[0, 2, 5]], torch.full((3,), -0.3), atol=2e-3)
+    assert torch.allclose(moved[[1, 4]], torch.zeros(2))
+    assert -0.02 < float(moved[3]) < -0.01  # weight decay only: 3 x 0.1 x 0.01 x 5
+    for p, mask in masks.items():
+        k = budget_count(p, 6)
+        expect = set(torch.topk(start["encoder.weight"][0].abs(), k).indices.tolist())
+        assert selected(mask, "encoder.weight") == expect and 3 in expect
+        assert mask["head.weight"].all()
+    lt_sft = select_masks("lt-sft", toy, toy_batches(rows), task_loss, [0.5], 0,
+                          MethodConfig(lt_sft_steps=3, lt_sft_lr=0.1))
+    assert lt_sft.start is None and 3 not in selected(lt_sft[0.5], "encoder.weight")
+
+
+def test_magnitude_learning_rate_rises_as_jiants_warm_up_does():
+    rows = [[1, 1, 1, 1, 1, 1]]  # one batch per epoch: warm-up of 10 epochs = 10 steps
+    config = MethodConfig(magnitude_steps=5, magnitude_lr=0.1, magnitude_warmup_epochs=10,
+                          grad_clip=1.0)
+    start = magnitude_start(Toy(), toy_batches(rows), task_loss, 0, config)
+    # Four updates at rates 0, 0.01, 0.02, 0.03 (the schedule starts at 0); Adam moves a steady
+    # gradient by its rate, whatever clipping did to the gradient's size.
+    assert torch.allclose(start["encoder.weight"][0], torch.full((6,), -0.06), atol=1e-3)
+
+
+# --- lt-sft: LT-SFT, restart from theta0 ----------------------------------------------------------
+def test_lt_sft_picks_the_scalars_that_moved_most_and_restarts():
+    config = MethodConfig(lt_sft_steps=3, lt_sft_lr=0.1)
+    rows = [[1, 0, 2, 0, 0, 3]]
+    scores = method_scores("lt-sft", Toy(), toy_batches(rows), task_loss, 0, config)
+    moved = scores["encoder.weight"][0]
+    assert torch.allclose(moved[[0, 2, 5]], torch.full((3,), 0.3), atol=2e-3)
+    assert torch.equal(moved[[1, 3, 4]], torch.zeros(3))
+    # The head's gradient w . x is zero at theta0, so it moves for two steps only.
+    assert 0 < scores["head.weight"].item() < 0.25
+    masks = run("lt-sft", Toy(), budgets=[0.45, 0.6], config=config, batches=toy_batches(rows))
+    assert masks.start is None
+    assert selected(masks[0.45], "encoder.weight") == {0, 2, 5}
+    assert not masks[0.45]["head.weight"].any() and masks[0.6]["head.weight"].all()
+
+
+# --- sam: the SAM repo's bsearch ------------------------------------------------------------------
+def test_sam_sums_clipped_gradients_at_theta0_without_updating(model):
+    config = MethodConfig(sam_steps=4, grad_clip=0.5)
+    scores = method_scores("sam", model, bert_batches, task_loss, 7, config)
+    # Brute force: the first sam_steps - 1 batches (into the next epoch), each gradient at
+    # theta0 in training mode with the same dropout draws, clipped to global norm 0.5, summed.
+    work = TinyBert()
+    work.load_state_dict(model.state_dict())
+    work.train()
+    total = {n: torch.zeros_like(p) for n, p in work.named_parameters()}
+    batches = bert_batches(0) + bert_batches(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        for batch in batches[:3]:
+            grads = torch.autograd.grad(task_loss(work, batch), list(work.parameters()))
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            scale = min(1.0, 0.5 / (float(norm) + 1e-6))
+            for (n, _), g in zip(work.named_parameters(), grads, strict=True):
+                total[n] += g * scale
+    for n, t in total.items():
+        assert torch.allclose(scores[n], t.abs(), atol=1e-6, rtol=1e-4), n
+    assert norm > 0.5  # the clipping was active
 
 
 def test_sam_ranks_the_summed_gradient_where_opposite_signs_cancel():
-    config = MethodConfig(sam_steps=4)
-    masks = run("sam", Toy(), budgets=[0.3, 0.5], config=config, batches=toy_batches(ROWS))
+    rows = [[5, 8, 3, 0.1, 0, 1], [5, -8, 3, 0.1, 0, 1]] * 2 + [[0, 0, 0, 0, 0, 0]]
+    config = MethodConfig(sam_steps=5, grad_clip=0)
+    masks = run("sam", Toy(), budgets=[0.3, 0.5], config=config, batches=toy_batches(rows))
     # per tensor over the 6 encoder scalars: 1 and 3 of them; |sum x_i| puts column 1 last
     assert selected(masks[0.3], "encoder.weight") == {0}
     assert selected(masks[0.5], "encoder.weight") == {0, 2, 5}
     assert masks[0.3]["head.weight"].all()
 
 
-def test_magnitude_picks_the_scalars_that_moved_most():
-    config = MethodConfig(magnitude_steps=3, magnitude_lr=0.1)
-    rows = [[1, 0, 2, 0, 0, 3]]
-    scores = method_scores("magnitude", Toy(), toy_batches(rows), task_loss, 0, config)
-    moved = scores["encoder.weight"][0]
-    # Adam moves a scalar with a steady gradient by lr per step; one with none not at all.
-    assert torch.allclose(moved[[0, 2, 5]], torch.full((3,), 0.3), atol=2e-3)
-    assert torch.equal(moved[[1, 3, 4]], torch.zeros(3))
-    # The head's gradient w . x is zero at theta0, so it moves for two steps only.
-    assert 0 < scores["head.weight"].item() < 0.25
-    masks = run("magnitude", Toy(), budgets=[0.45, 0.6], config=config,
-                batches=toy_batches(rows))
-    assert selected(masks[0.45], "encoder.weight") == {0, 2, 5}
-    assert not masks[0.45]["head.weight"].any() and masks[0.6]["head.weight"].all()
+# --- fisher: the FISH mask -----------------------------------------------------------------------
+def test_fisher_sums_squared_per_example_gradients_like_a_loop_over_examples(model):
+    config = MethodConfig(fisher_examples=6)
+    scores = method_scores("fisher", model, bert_batches, task_loss, 0, config)
+    work = TinyBert()
+    work.load_state_dict(model.state_dict())
+    work.eval()  # FISH scores a model fresh from from_pretrained: no dropout
+    batch = bert_batches(0)
+    inputs = torch.cat([b["input_ids"] for b in batch])
+    labels = torch.cat([b["labels"] for b in batch])
+    expect = {n: torch.zeros_like(p) for n, p in work.named_parameters()}
+    for i in range(6):
+        one = {"input_ids": inputs[i:i + 1], "attention_mask": torch.ones(1, 6, dtype=torch.long),
+               "labels": labels[i:i + 1]}
+        grads = torch.autograd.grad(task_loss(work, one), list(work.parameters()))
+        for (n, _), g in zip(work.named_parameters(), grads, strict=True):
+            expect[n] += g.square()
+    for n, t in expect.items():
+        assert torch.allclose(scores[n], t, atol=1e-7, rtol=1e-4), n
+
+
+def test_fisher_keeps_the_head_inside_the_budget():
+    rows = [[5, 8, 3, 0.1, 0, 1], [5, -8, 3, 0.1, 0, 1]]
+    config = MethodConfig(fisher_examples=100)  # more than an epoch: one pass only
+    masks = run("fisher", Toy(), budgets=[0.3, 0.5], config=config, batches=toy_batches(rows))
+    # D = 7 with a head of 1: floor(0.3 * 7) = 2 -> the head and 1 encoder scalar; sum x_i^2
+    assert selected(masks[0.3], "encoder.weight") == {1}
+    assert selected(masks[0.5], "encoder.weight") == {0, 1}
+    assert masks[0.3]["head.weight"].all()
+    scores = method_scores("fisher", Toy(), toy_batches(rows), task_loss, 0, config)
+    assert torch.allclose(scores["encoder.weight"][0], torch.tensor([50, 128, 18, 0.02, 0, 2.]))
+
+
+def test_single_examples_keep_choice_and_span_dimensions():
+    batch = {"input_ids": torch.arange(24).view(3, 2, 4), "span1_mask": torch.ones(3, 4),
+             "labels": torch.tensor([0, 1, 0]), "name": "copa"}
+    ones = list(single_examples(batch))
+    assert len(ones) == 3
+    assert ones[1]["input_ids"].shape == (1, 2, 4) and ones[1]["span1_mask"].shape == (1, 4)
+    assert torch.equal(ones[2]["input_ids"][0], batch["input_ids"][2])
+    assert ones[0]["name"] == "copa"
+    with pytest.raises(MethodError, match="disagree on the batch size"):
+        list(single_examples({"a": torch.ones(2, 3), "b": torch.ones(3)}))
 
 
 def test_bad_method_input_gets_a_clear_error(model):
-    with pytest.raises(ValueError, match="unknown mask method 'nope'; known methods: bayestune"):
+    with pytest.raises(ValueError, match="unknown mask method 'nope'; mask methods: full"):
         run("nope", model)
+    with pytest.raises(ValueError, match="an adapter, not a mask"):
+        run("lora", model)
     with pytest.raises(ValueError, match="pass them as scores"):
         select_masks("bayestune", model, bert_batches, task_loss, [0.1], 0, FAST)
     partial = dict(list(random_scores_like(model).items())[1:])
     with pytest.raises(ValueError, match="score file does not match the model: 1 model param"):
         run("bayestune", model, scores=partial)
-    with pytest.raises(ValueError, match="takes no scores"):
-        run("full", model, scores=random_scores_like(model))
+    for name in ("full", "random", "magnitude"):
+        with pytest.raises(ValueError, match="takes no scores"):
+            run(name, model, scores=random_scores_like(model))
     with pytest.raises(ValueError, match="yielded no batches"):
+        run("sam", model, batches=lambda epoch: [])
+    with pytest.raises(ValueError, match="yielded no example"):
         run("fisher", model, batches=lambda epoch: [])
     with pytest.raises(ValueError, match="needs training batches; pass --data"):
-        run("sam", model, batches=None)
+        run("magnitude", model, batches=None)
     with pytest.raises(ValueError, match="has no computed score"):
         method_scores("bitfit", model, bert_batches, task_loss, 0, FAST)
+    with pytest.raises(ValueError, match="count the ranking step too"):
+        MethodConfig(sam_steps=1)
 
 
 def test_mask_overlap_is_jaccard_over_all_tensors():
@@ -226,8 +411,10 @@ def test_mask_overlap_is_jaccard_over_all_tensors():
         mask_overlap({"a": mask([1, 0], [1]), "b": mask([1, 0, 0], [1])})
 
 
+# --- LoRA ----------------------------------------------------------------------------------------
 def test_lora_trains_only_adapters_and_head_and_merges_back(model):
     settings = LoraSettings(rank=2, alpha=4, dropout=0.1)
+    assert settings.effective_preset() == "custom"
     wrapped = wrap_lora(model, settings)
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or is_head(n) for n in trainable)
@@ -260,6 +447,73 @@ def test_lora_trains_only_adapters_and_head_and_merges_back(model):
                        for i in range(LAYERS) for m in ("query", "value")}
 
 
+def test_lora_sam_settings_adapt_every_linear_layer_and_freeze_the_head(model):
+    settings = LoraSettings(preset="sam")
+    assert settings.effective_preset() == "sam" and settings.resolved()["rank"] == 4
+    wrapped = wrap_lora(model, settings)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)  # the head stays frozen
+    layers = {n.split(".lora_")[0].split(".layer.", 1)[1].split(".", 1)[1]
+              for n in trainable}
+    assert layers == {"attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense", "intermediate.dense", "output.dense"}
+    inter = 32
+    per_layer = 4 * (4 * 2 * HIDDEN + (HIDDEN + inter) + (inter + HIDDEN))
+    assert sum(wrapped.get_parameter(n).numel() for n in trainable) == LAYERS * per_layer
+    lora_b = [wrapped.get_parameter(n) for n in trainable if "lora_B" in n]
+    assert all(bool(b.abs().sum() > 0) for b in lora_b)  # B starts random, not zero
+    module = wrapped.encoder.base_model.model.encoder.layer[0].attention.self.query
+    assert module.scaling["default"] == pytest.approx(1 / 4)  # loralib's alpha 1 over r
+    assert LoraSettings(preset="sam", rank=8).effective_preset() == "custom"
+    with pytest.raises(MethodError, match="unknown LoRA preset"):
+        LoraSettings(preset="big")
+
+
 def test_lora_rejects_modules_the_encoder_lacks(model):
     with pytest.raises(ValueError, match="target_modules"):
         wrap_lora(model, LoraSettings(target_modules="qkv"))
+
+
+# --- magnitude through the command line: mask -> start file -> stage 2 ---------------------------
+def test_magnitude_start_file_carries_the_trained_weights_into_stage_2(tmp_path, glue_dir):
+    from bayestune.cli import main
+    from bayestune.delta import apply_delta
+    from bayestune.tasks import build_task_model, load_task_data, prepare_task
+
+    prep = prepare_task("cb", MINILM, tmp_path / "prep", glue_dir, 32)
+    masks_dir, run_dir = tmp_path / "masks", tmp_path / "run"
+    common = ["--task", "cb", "--model", MINILM, "--data", str(prep), "--seed", "1",
+              "--batch-size", "4", "--device", "cpu"]
+    assert main(["-q", "mask", "--method", "magnitude", *common, "--budgets", "0.005,0.02",
+                 "--magnitude-steps", "3", "--magnitude-lr", "1e-3",
+                 "--magnitude-warmup-epochs", "0", "--out-dir", str(masks_dir)]) == 0
+    start, start_meta = files.load_model_state(masks_dir / "start.safetensors")
+    mask, meta = files.load_mask(masks_dir / "p0.005.safetensors")
+    assert meta["start"] and meta["published_as"] == "magnitude pruning"
+    assert (meta["per_tensor"], meta["keep_head"]) == (True, True)
+    assert start_meta["task"] == "cb" and start_meta["seed"] == 1
+
+    # The file holds exactly what the full phase trains, and the mask ranks its |theta|.
+    model = build_task_model("cb", MINILM, 1)
+    batches = load_task_data("cb", prep, 4, 1).train_epoch
+    again = magnitude_start(model, batches, task_loss, 1, MethodConfig(
+        magnitude_steps=3, magnitude_lr=1e-3, magnitude_warmup_epochs=0))
+    assert all(torch.equal(start[n], again[n]) for n in again)
+    ranked = masks_from_scores({n: t.abs() for n, t in start.items()}, [0.005], per_tensor=True,
+                               keep_head=True)[0.005]
+    assert all(torch.equal(mask[n], ranked[n]) for n in mask)
+
+    finetune = ["-q", "finetune", *common, "--mask", str(masks_dir / "p0.005.safetensors"),
+                "--max-steps", "2", "--eval-every", "2", "--out-dir", str(run_dir)]
+    assert main(finetune) == 2  # a magnitude mask without its start is refused
+    assert main([*finetune, "--start", str(masks_dir / "start.safetensors")]) == 0
+    metrics = files.read_json(run_dir / "metrics.json")
+    assert metrics["mask_fraction"] < 0.03 and metrics["published_as"] == "magnitude pruning"
+    assert metrics["changed_fraction"] > 0.5 and metrics["trainable_fraction"] > 0.5
+    # The tuned model is the start file where the mask is off: training went on from there.
+    tuned = build_task_model("cb", MINILM, 1)
+    delta, _ = files.load_delta(run_dir / "delta.safetensors")
+    apply_delta(tuned, delta)
+    for name, param in tuned.named_parameters():
+        frozen = ~mask[name]
+        assert torch.equal(param.detach()[frozen], start[name][frozen]), name

@@ -26,13 +26,17 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
     group = parser.add_argument_group(f"{cls.__name__} options")
     for field in dataclasses.fields(cls):
         flag = "--" + (prefix + field.name).replace("_", "-")
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
-        if isinstance(field.default, bool):
+        # A field whose default is None (unset: a preset or method default decides) names its
+        # type in the field metadata.
+        default = "" if field.default is None else f" (default: {field.default})"
+        help_text = field.metadata.get("help", "") + default
+        kind = field.metadata.get("type", type(field.default))
+        if kind is bool:
             group.add_argument(flag, dest=prefix + field.name, default=field.default,
                                action=argparse.BooleanOptionalAction, help=help_text)
         else:
             group.add_argument(flag, dest=prefix + field.name, default=field.default,
-                               type=type(field.default), help=help_text)
+                               type=kind, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, cls: type[Config], prefix: str = "") -> Config:
@@ -87,13 +91,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_mask(args: argparse.Namespace) -> None:
     from bayestune import files
-    from bayestune.masks import mask_file_name, mask_metadata
-    from bayestune.methods import MethodConfig, ranking_options, select_masks
-    from bayestune.models.base import task_loss
+    from bayestune.masks import START_FILE_NAME, mask_file_name, mask_metadata
+    from bayestune.methods import (
+        MethodConfig,
+        method_settings,
+        published_label,
+        ranking_options,
+        select_masks,
+    )
+    from bayestune.models.base import resolve_device, task_loss
     from bayestune.tasks import build_task_model, load_task_data
 
     config = config_from_args(args, MethodConfig)
     model = build_task_model(args.task, args.model, args.seed)
+    model.to(resolve_device(args.device))  # the gradient methods' passes run where it sits
     shapes = {name: p.shape for name, p in model.named_parameters()}
     scores = None
     if args.scores is not None:
@@ -106,31 +117,77 @@ def cmd_mask(args: argparse.Namespace) -> None:
     masks = select_masks(args.method, model, batches, task_loss, args.budgets, args.seed, config,
                          scores=scores)
     options = ranking_options(args.method, config)
-    method_params = {k: v for k, v in dataclasses.asdict(config).items() if k not in options}
+    run = {"task": args.task, "seed": args.seed, "model": model.model_id}
+    out_dir = Path(args.out_dir)
     for budget, mask in masks.items():
-        meta = mask_metadata(mask, budget, method=args.method, **options, task=args.task,
-                             seed=args.seed, model=model.model_id, **method_params)
-        files.save_mask(Path(args.out_dir) / mask_file_name(budget), mask, meta)
+        meta = mask_metadata(mask, budget, method=args.method, **options, **run,
+                             published_as=published_label(args.method, options),
+                             start=masks.start is not None, **method_settings(config))
+        files.save_mask(out_dir / mask_file_name(budget), mask, meta)
+    if masks.start is not None:
+        files.save_model_state(out_dir / START_FILE_NAME, masks.start,
+                               {"method": args.method, "start_of": "stage 2", **run,
+                                **method_settings(config)})
+
+
+def _load_start(path: Path, model, args: argparse.Namespace) -> dict:
+    """Write a start file's weights into ``model``; return where they differ from theta0."""
+    import torch
+
+    from bayestune import files
+
+    start, meta = files.load_model_state(path)
+    params = dict(model.named_parameters())
+    files.check_matches_model(start, {n: p.shape for n, p in params.items()}, path, "start")
+    expected = {"task": args.task, "seed": args.seed, "model": model.model_id}
+    wrong = {k: meta[k] for k, v in expected.items() if k in meta and meta[k] != v}
+    if wrong:
+        raise files.FileFormatError(f"{path}: start file made for {wrong}, not for this run "
+                                    f"({expected}); pass the start file of the same task, seed "
+                                    "and model")
+    moved = {}
+    with torch.no_grad():
+        for name, param in params.items():
+            value = start[name].to(param.device, param.dtype)
+            moved[name] = (value != param).cpu()
+            param.copy_(value)
+    return moved
+
+
+def _published_as(method: str, mask_meta: dict | None, lora_preset: str | None) -> str | None:
+    """The published row this run's definition matches (recorded per run for the tables)."""
+    from bayestune.methods import published_label
+
+    if mask_meta is not None:
+        return mask_meta.get("published_as")  # decided by `mask` from its ranking options
+    return published_label(method, {"lora_preset": lora_preset})
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from bayestune import convergence, files
     from bayestune.delta import make_delta
     from bayestune.finetune import FinetuneConfig, finetune
+    from bayestune.masks import mask_fraction
 
     config = config_from_args(args, FinetuneConfig)
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask, method, budget = None, args.method, args.method
+    mask, mask_meta, method, budget = None, None, args.method, args.method
     if args.mask is not None:
         mask, mask_meta = files.load_mask(args.mask)
         files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
         method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
-    trained = model
+        if mask_meta.get("start") and args.start is None:
+            raise ValueError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
+                             "goes on from those weights; pass --start with the start file "
+                             "beside the mask")
+    moved = _load_start(args.start, model, args) if args.start is not None else None
+    trained, lora_preset = model, None
     if args.method == "lora" and mask is None:
         from bayestune.methods import LoraSettings, merge_lora, wrap_lora
 
-        trained = wrap_lora(model, config_from_args(args, LoraSettings, prefix="lora_"))
+        settings = config_from_args(args, LoraSettings, prefix="lora_")
+        trained, lora_preset = wrap_lora(model, settings), settings.effective_preset()
     result = finetune(trained, data, spec, config, mask=mask, seed=args.seed, device=args.device,
                       progress=not args.quiet)
     if trained is not model:
@@ -140,12 +197,21 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     files.save_delta(out_dir / "delta.safetensors", delta,
                      {"task": args.task, "model": model.model_id, "seed": args.seed,
                       "method": method, "budget": budget})
+    # With a start, every scalar the start moved is trained as much as the masked ones: the
+    # trainable fraction counts both, and the changed fraction says what differs from theta0.
+    trainable = result.trainable_fraction
+    if moved is not None and mask is not None:
+        trainable = mask_fraction({n: moved[n] | mask[n] for n in moved})
     files.write_json(out_dir / "metrics.json", {
         "method": method, "budget": budget, "task": args.task, "seed": args.seed,
         "model": model.model_id, "metric": spec.metric_name,
         "test_score": result.test_score, "val_score": result.val_score,
-        "trainable_fraction": result.trainable_fraction, "n_trainable": result.n_trainable,
-        "n_total": result.n_total, "best_step": result.best_step, "steps": result.steps,
+        "trainable_fraction": trainable, "mask_fraction": result.trainable_fraction,
+        "changed_fraction": sum(len(i) for i, _ in delta.values()) / result.n_total,
+        "n_trainable": result.n_trainable, "n_total": result.n_total,
+        "published_as": _published_as(method, mask_meta, lora_preset),
+        "lora_preset": lora_preset, "start": None if args.start is None else str(args.start),
+        "best_step": result.best_step, "steps": result.steps,
         "wall_seconds": result.wall_seconds, "bayestune_version": __version__,
         "history": convergence.history_records(result.history),
         "stop_reason": convergence.stop_reason(result.history, result.best_step, config.patience),
@@ -270,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", type=Path, default=None, help="mask file; omit for --method")
     p.add_argument("--method", default="full", choices=["full", "lora"],
                    help="without --mask: full fine-tuning or LoRA")
+    p.add_argument("--start", type=Path, default=None,
+                   help="weights to start from instead of theta0 (the start.safetensors that "
+                        "`mask` writes beside a magnitude mask); the delta stays against theta0")
     p.add_argument("--out-dir", type=Path, required=True)
     add_config_flags(p, FinetuneConfig)
     add_config_flags(p, LoraSettings, prefix="lora_")

@@ -168,6 +168,11 @@ def mask_file_name(budget: float) -> str:
     return f"p{format(budget, 'g')}.safetensors"
 
 
+# Beside the masks of a method that trains before it ranks (magnitude): the weights stage 2
+# starts from (a model-state file), the same for every budget.
+START_FILE_NAME = "start.safetensors"
+
+
 def mask_metadata(
     mask: Mapping[str, torch.Tensor],
     budget: float,

@@ -86,8 +86,8 @@ def grid_jobs(grid: Mapping[str, Any], tasks: Sequence[str],
 def _dataclass_part(cls: type, section: Mapping[str, Any]) -> Any:
     """The dataclass from a config section's own keys, each cast to its field's type as the
     command line does (YAML may write 0 for 0.0)."""
-    return cls(**{f.name: type(f.default)(section[f.name]) for f in fields(cls)
-                  if f.name in section})
+    return cls(**{f.name: f.metadata.get("type", type(f.default))(section[f.name])
+                  for f in fields(cls) if f.name in section})
 
 
 def _section(config: Mapping[str, Any], name: str, overrides: Mapping[str, Any]) -> dict:
@@ -126,11 +126,14 @@ def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str):
                                _dataclass_part(SamplerConfig, section), seed=job.seed,
                                device=device, progress=False)
         scores, n_samples = result.mean, result.n_samples
-    section = _section(config, "mask", job.mask)
+    by_method = config.get("mask_by_method", {}).get(job.method, {})
+    section = _section(config, "mask", {**by_method, **job.mask})
     budget = float(config["main_budget"])
     masks = select_masks(job.method, model.to(resolve_device(device)), data(section).train_epoch,
                          task_loss, [budget], job.seed, _dataclass_part(MethodConfig, section),
                          scores=scores)
+    if masks.start is not None:  # magnitude: stage 2 goes on from the weights it ranked
+        model.load_state_dict(masks.start, strict=False)
     return {name: m.cpu() for name, m in masks[budget].items()}, n_samples
 
 

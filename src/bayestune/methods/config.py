@@ -1,0 +1,96 @@
+"""The settings of every mask method (one dataclass: its fields are config keys and CLI flags),
+the mask-method signature, and how a method's ranking default meets the config's overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from torch import Tensor, nn
+
+from bayestune.methods.registry import BUDGETED, Ranking, get_spec
+
+Batches = Callable[[int], Iterable[dict]]
+LossFn = Callable[[nn.Module, dict], Tensor]
+Mask = dict[str, Tensor]
+
+
+class Masks(dict):
+    """Masks by budget (True = trainable), plus ``start``: the weights stage 2 starts from when
+    the method trained the model before ranking and goes on from there (magnitude), else None
+    (stage 2 starts from theta0)."""
+
+    def __init__(self, masks: Mapping[float, Mask], start: dict[str, Tensor] | None = None):
+        super().__init__(masks)
+        self.start = start
+
+
+@dataclass
+class MethodConfig:
+    magnitude_steps: int = field(default=500, metadata={
+        "help": "magnitude (MagPruning): the step at which the SAM repo makes the mask; the "
+                "full fine-tuning before it is this many steps minus one"})
+    magnitude_lr: float = field(default=1e-4, metadata={
+        "help": "magnitude: peak AdamW learning rate of that full fine-tuning (the SAM repo's "
+                "--learning_rate)"})
+    magnitude_warmup_epochs: float = field(default=1000.0, metadata={
+        "help": "magnitude: the rate rises linearly over this many epochs, as jiant's schedule "
+                "does (10%% of 10000 epochs), so it is still small at the mask; 0 = constant"})
+    lt_sft_steps: int = field(default=200, metadata={
+        "help": "lt-sft: full fine-tuning steps before ranking |theta - theta0| (our default; "
+                "LT-SFT trains its full phase for longer)"})
+    lt_sft_lr: float = field(default=2e-5, metadata={
+        "help": "lt-sft: AdamW learning rate of that full fine-tuning"})
+    fisher_examples: int = field(default=1024, metadata={
+        "help": "fisher (FISH mask): training examples whose squared gradients are summed "
+                "(FISH: 1024; at most one epoch)"})
+    sam_steps: int = field(default=500, metadata={
+        "help": "sam: the SAM repo's burn-in: the gradients of the first sam_steps - 1 "
+                "training batches are summed at theta0, and the step that reaches it ranks"})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "magnitude and sam: clip each batch gradient to this global norm, as the SAM "
+                "repo's training step does (0 disables)"})
+    per_tensor: bool | None = field(default=None, metadata={
+        "type": bool, "help": "rank within each tensor instead of globally (unset: the "
+                              "method's own default)"})
+    keep_head: bool | None = field(default=None, metadata={
+        "type": bool, "help": "always train the task head (unset: the method's own default)"})
+    head_counts_toward_budget: bool | None = field(default=None, metadata={
+        "type": bool, "help": "a kept head spends part of the budget in a global ranking "
+                              "(unset: the method's own default)"})
+
+    def __post_init__(self) -> None:
+        if self.magnitude_steps < 2 or self.sam_steps < 2:
+            raise ValueError(f"magnitude_steps {self.magnitude_steps} and sam_steps "
+                             f"{self.sam_steps} count the ranking step too: give at least 2")
+        if self.lt_sft_steps < 1 or self.fisher_examples < 1:
+            raise ValueError(f"lt_sft_steps {self.lt_sft_steps} and fisher_examples "
+                             f"{self.fisher_examples} must be at least 1")
+        if self.magnitude_warmup_epochs < 0 or self.grad_clip < 0:
+            raise ValueError("magnitude_warmup_epochs and grad_clip must be >= 0 (0 disables)")
+
+
+RANKING_KEYS = ("per_tensor", "keep_head", "head_counts_toward_budget")
+
+
+def ranking_options(name: str, config: MethodConfig) -> dict[str, bool]:
+    """The ranking method ``name`` uses: its registry default, with the config's set keys on
+    top. Fixed and unmasked methods rank nothing, so their (descriptive) default stands."""
+    spec = get_spec(name)
+    default = asdict(spec.ranking or Ranking(False, False, True))
+    if spec.kind != BUDGETED:
+        return default
+    overrides = {k: getattr(config, k) for k in RANKING_KEYS if getattr(config, k) is not None}
+    return {**default, **overrides}
+
+
+def method_settings(config: MethodConfig) -> dict[str, object]:
+    """The config's fields other than the ranking options (recorded in mask files)."""
+    return {k: v for k, v in asdict(config).items() if k not in RANKING_KEYS}
+
+
+class MaskMethod(Protocol):
+    def __call__(self, model: nn.Module, batches: Batches | None, loss_fn: LossFn,
+                 budgets: Sequence[float], seed: int, config: MethodConfig, *,
+                 scores: Mapping[str, Tensor] | None = None) -> Masks: ...

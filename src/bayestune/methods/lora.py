@@ -1,0 +1,123 @@
+"""LoRA through peft, with two named settings: ours (``default``) and the SAM repo's (``sam``).
+
+``sam`` is what the SAM repo's ``--user_mode lora=R`` builds (main_runscript.py, loralib):
+every one of the six linear layers of each block (query, key, value, attention output,
+intermediate, output) gets a loralib ``Linear`` with ``lora_alpha`` left at loralib's default 1
+(scale 1/r) and no dropout; ``lora_B`` is re-initialised Kaiming-uniform like ``lora_A``, so the
+adapter is not a no-op at the start; ``mark_only_lora_as_trainable`` then freezes everything
+else, the task head included. The repo's scripts do not give R: 4 makes the adapters 0.53% of
+RoBERTa-base, the nearest rank to the table's 0.5% budget. It trained at the run's
+``--learning_rate`` (1e-4 in its script), which is the ``finetune_by_method: lora: lr`` key here.
+
+A field set explicitly (config key or flag) overrides the preset's value; a run records the
+preset only when nothing was overridden (else ``custom``), and only ``sam`` runs get the
+published LoRA row.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field, fields
+
+from torch import nn
+
+from bayestune.methods.registry import MethodError
+from bayestune.models.base import TaskModel, is_head
+
+LORA_PRESETS: dict[str, dict[str, object]] = {
+    "default": {"rank": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": "query,value",
+                "init": "zero", "train_head": True},
+    "sam": {"rank": 4, "alpha": 1.0, "dropout": 0.0,
+            "target_modules": "query,key,value,output.dense,intermediate.dense",
+            "init": "random", "train_head": False},
+}
+LORA_INITS = ("zero", "random")
+
+
+@dataclass
+class LoraSettings:
+    preset: str = field(default="default", metadata={
+        "help": f"named LoRA settings: {', '.join(LORA_PRESETS)} (sam: the SAM repo's, whose "
+                "runs give the published LoRA row); the fields below override it"})
+    rank: int | None = field(default=None, metadata={"type": int, "help": "LoRA rank r"})
+    alpha: float | None = field(default=None, metadata={
+        "type": float, "help": "LoRA scaling alpha (update = alpha/r BA)"})
+    dropout: float | None = field(default=None, metadata={
+        "type": float, "help": "dropout on the LoRA input"})
+    target_modules: str | None = field(default=None, metadata={
+        "type": str, "help": "comma-separated names (or name suffixes) of the linear layers to "
+                             "adapt: RoBERTa/BERT call the attention projections query,key,value; "
+                             "timm ViTs use qkv; or all-linear"})
+    init: str | None = field(default=None, metadata={
+        "type": str, "help": "zero: B = 0, the adapter starts as a no-op (peft's default); "
+                             "random: A and B both Kaiming-uniform (the SAM repo)"})
+    train_head: bool | None = field(default=None, metadata={
+        "type": bool, "help": "train the task head beside the adapters"})
+
+    def __post_init__(self) -> None:
+        if self.preset not in LORA_PRESETS:
+            raise MethodError(f"unknown LoRA preset {self.preset!r}; known: "
+                              f"{', '.join(LORA_PRESETS)}")
+        if self.init is not None and self.init not in LORA_INITS:
+            raise MethodError(f"unknown LoRA init {self.init!r}; choose {' or '.join(LORA_INITS)}")
+
+    def resolved(self) -> dict[str, object]:
+        """The preset's values with the explicitly set fields on top."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        return {**LORA_PRESETS[self.preset], **{k: v for k, v in own.items() if v is not None}}
+
+    def effective_preset(self) -> str:
+        """The preset's name if no field changed it, else ``custom``."""
+        return self.preset if self.resolved() == LORA_PRESETS[self.preset] else "custom"
+
+
+def _lora_config(values: dict[str, object]):
+    from peft import LoraConfig
+
+    targets = str(values["target_modules"]).strip()
+    # peft reads a plain string as a regular expression; a list means module-name suffixes.
+    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    return LoraConfig(r=int(values["rank"]), lora_alpha=float(values["alpha"]),
+                      lora_dropout=float(values["dropout"]), target_modules=modules, bias="none",
+                      init_lora_weights=values["init"] == "zero")
+
+
+def wrap_lora(model: TaskModel, settings: LoraSettings) -> TaskModel:
+    """A copy of ``model`` with LoRA on ``model.encoder``; only LoRA (and, if the settings
+    say so, head) parameters train.
+
+    The copy keeps the TaskModel class, so it is still called as ``model(batch)``; the given
+    model is untouched (it stays theta0).
+    """
+    from peft import get_peft_model
+
+    values = settings.resolved()
+    wrapped = copy.deepcopy(model)
+    try:
+        with warnings.catch_warnings():  # transformers' deprecation notice, raised inside peft
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            wrapped.encoder = get_peft_model(wrapped.encoder, _lora_config(values))
+    except ValueError as err:
+        raise MethodError(f"LoRA could not adapt {values['target_modules']!r} ({err}); set "
+                          "target_modules to linear layer names of this encoder") from err
+    for name, param in wrapped.named_parameters():
+        param.requires_grad_("lora_" in name or (bool(values["train_head"]) and is_head(name)))
+    return wrapped
+
+
+def merge_lora(model: TaskModel) -> TaskModel:
+    """A plain TaskModel with the LoRA updates merged in and the original parameter names."""
+    from peft import PeftModel
+
+    if not isinstance(getattr(model, "encoder", None), PeftModel):
+        raise MethodError("merge_lora expects a model made by wrap_lora (its encoder is a "
+                          "peft model)")
+    merged = copy.deepcopy(model)
+    merged.encoder = merged.encoder.merge_and_unload()
+    return merged.requires_grad_(True)
+
+
+def lora_trainable_fraction(model: nn.Module, base_total: int) -> float:
+    """Trainable LoRA + head scalars over D, the scalar count of the model before wrapping."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / base_total

@@ -1,0 +1,53 @@
+"""lt-sft (LT-SFT, composable-sft): full fine-tuning for a while, keep the global top-k of
+|theta - theta0|, then restart from theta0 and train only those scalars.
+
+Here the full phase is ``lt_sft_steps`` AdamW steps at ``lt_sft_lr`` without weight decay:
+decoupled decay moves every scalar in proportion to its own size, which would rank by |theta0|
+instead of by how far the data pulled each scalar. Stage 2 restarts from theta0 (no start).
+By default the ranking is global and the head competes for the budget like any scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bayestune.masks import masks_from_scores
+from bayestune.methods.common import (
+    check_scores_fit,
+    device_of,
+    named,
+    seeded,
+    take,
+    working_copy,
+)
+from bayestune.methods.config import Batches, LossFn, Masks, MethodConfig, ranking_options
+from bayestune.models.base import move_batch
+
+
+def lt_sft_scores(model: nn.Module, batches: Batches | None, loss_fn: LossFn, seed: int,
+                  config: MethodConfig) -> dict[str, Tensor]:
+    """|theta - theta0| after the full fine-tuning phase."""
+    work = working_copy(model)
+    theta0 = [p.detach().clone() for p in work.parameters()]
+    optimizer = torch.optim.AdamW(work.parameters(), lr=config.lt_sft_lr, weight_decay=0.0)
+    device = device_of(work)
+    with seeded(seed, device):
+        for batch in take(batches, config.lt_sft_steps, "lt-sft: full fine-tuning"):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(work, move_batch(batch, device)).backward()
+            optimizer.step()
+    moved = [(p.detach() - p0).abs() for p, p0 in zip(work.parameters(), theta0, strict=True)]
+    return named(work, moved)
+
+
+def lt_sft_masks(model: nn.Module, batches: Batches | None, loss_fn: LossFn,
+                 budgets: Sequence[float], seed: int, config: MethodConfig, *,
+                 scores: Mapping[str, Tensor] | None = None) -> Masks:
+    # Precomputed scores (a saved score file) replace the full phase.
+    if scores is None:
+        scores = lt_sft_scores(model, batches, loss_fn, seed, config)
+    check_scores_fit("lt-sft", model, scores)
+    return Masks(masks_from_scores(scores, budgets, **ranking_options("lt-sft", config)))
