@@ -18,7 +18,8 @@ TASKS = ("cola", "rte", "cb")
 
 def _metrics(tmp: Path, method: str, budget, task: str, seed: int, score: float,
              model: str = "roberta-base", fraction: float = 0.005,
-             curve: list[float] | None = None, stop_reason: str = "max_steps") -> Path:
+             curve: list[float] | None = None, stop_reason: str = "max_steps",
+             published_as: str | None = None) -> Path:
     """A metrics.json; with ``curve`` (validation scores every 10 steps) also its history and
     stop reason, as `bayestune finetune` writes them; without, as files from before that."""
     path = tmp / method / task / str(budget) / f"seed{seed}" / "metrics.json"
@@ -26,7 +27,7 @@ def _metrics(tmp: Path, method: str, budget, task: str, seed: int, score: float,
         "method": method, "budget": budget, "task": task, "seed": seed, "model": model,
         "metric": "accuracy", "test_score": score, "val_score": score + 0.01,
         "trainable_fraction": fraction, "n_trainable": 5, "n_total": 1000, "best_step": 10,
-        "steps": 20, "wall_seconds": 1.0,
+        "steps": 20, "wall_seconds": 1.0, "published_as": published_as,
     }
     if curve is not None:
         record["history"] = convergence.history_records(
@@ -85,29 +86,65 @@ def test_table_means_stds_and_average(tmp_path):
     assert table.iloc[0]["trainable_fraction"] == 1.0
 
 
-def test_written_tables_add_published_rows_for_roberta_only(tmp_path):
+def _published_runs(tmp: Path, model: str = "roberta-base") -> list[Path]:
+    """Runs that record the published row of their definition (as `finetune` writes them):
+    full and sam match theirs; lt-sft and bayestune have none; one random seed ran with
+    changed settings (no label), so random gets no published row either."""
+    paths = []
+    for seed in range(2):
+        for task in TASKS:
+            paths += [
+                _metrics(tmp, "full", "full", task, seed, 0.7, model, 1.0,
+                         published_as="full fine-tuning"),
+                _metrics(tmp, "sam", 0.005, task, seed, 0.6, model, 0.006, published_as="SAM"),
+                _metrics(tmp, "sam", 0.01, task, seed, 0.6, model, 0.011, published_as="SAM"),
+                _metrics(tmp, "lt-sft", 0.005, task, seed, 0.5, model),
+                _metrics(tmp, "bayestune", 0.005, task, seed, 0.8, model),
+                _metrics(tmp, "random", 0.005, task, seed, 0.4, model, 0.006,
+                         published_as="random mask" if seed == 0 else None),
+            ]
+    return paths
+
+
+def test_published_rows_stand_only_beside_the_same_definition(tmp_path):
     out = tmp_path / "out"
-    paths = reports.write_tables(reports.collect_scores(_runs(tmp_path / "r")), out, "glue",
-                                 "roberta-base")
+    scores = reports.collect_scores(_published_runs(tmp_path / "r"))
+    paths = reports.write_tables(scores, out, "glue", "roberta-base")
     assert [p.name for p in paths] == ["glue_scores.csv", "glue_table.csv", "glue_table.md",
                                        "glue_paired.csv"]
     table = pd.read_csv(out / "glue_table.csv", dtype={"budget": str})
-    published = table[table.method.str.endswith("(published)")]
-    assert len(published) == len(reports.PUBLISHED_GLUE)
-    sam = published[published.method == "SAM (published)"].iloc[0]
+    assert list(zip(table.method, table.budget, strict=True)) == [
+        ("full", "-"), ("full fine-tuning (published)", "-"),
+        ("random", "0.005"), ("lt-sft", "0.005"), ("sam", "0.005"), ("SAM (published)", "0.005"),
+        ("bayestune", "0.005"), ("sam", "0.01")]
+    sam = table[table.method == "SAM (published)"].iloc[0]
     # Only the run's tasks are shown, and avg is over them so that it compares with the run's.
     assert "wsc" not in table.columns and sam["cb"] == 88.93
     assert sam["avg"] == pytest.approx((60.89 + 76.79 + 88.93) / 3)
     every_task = reports.published_rows("FacebookAI/roberta-base").set_index("method")
     assert every_task.loc["SAM (published)", "avg"] == 77.12
     assert every_task.loc["SAM (published)", "wsc"] == 59.52
+    assert "MixOut (published)" not in every_task.index
+    assert set(reports.NOT_RUN) == {"MixOut", "Adapter", "Diff Pruning", "Child Pruning"}
     markdown = (out / "glue_table.md").read_text()
-    assert "71.00 ± 1.00" in markdown and "SAM (published)" in markdown
+    assert "SAM (published)" in markdown and "MixOut" not in markdown.split("\n\n")[0]
+    assert "not run here: MixOut, Adapter, Diff Pruning, Child Pruning" in markdown
 
     other = tmp_path / "minilm"
-    scores = reports.collect_scores(_runs(tmp_path / "m", "sentence-transformers/all-MiniLM-L6-v2"))
+    scores = reports.collect_scores(_published_runs(tmp_path / "m",
+                                                    "sentence-transformers/all-MiniLM-L6-v2"))
     reports.write_tables(scores, other, "glue")
     assert not pd.read_csv(other / "glue_table.csv").method.str.contains("published").any()
+    assert "published" not in (other / "glue_table.md").read_text()
+
+
+def test_old_metrics_without_the_definition_get_no_published_row(tmp_path):
+    out = tmp_path / "out"
+    reports.write_tables(reports.collect_scores(_runs(tmp_path / "r")), out, "glue",
+                         "roberta-base")
+    table = pd.read_csv(out / "glue_table.csv", dtype={"budget": str})
+    assert not table.method.str.endswith("(published)").any()
+    assert "71.00 ± 1.00" in (out / "glue_table.md").read_text()
 
 
 def test_vtab_table_has_group_means(tmp_path):

@@ -36,15 +36,16 @@ import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bayestune import convergence, files, paired  # noqa: E402
+from bayestune.methods.registry import BUDGETED, REGISTRY  # noqa: E402
 from bayestune.models.base import is_head  # noqa: E402
 from bayestune.sweep import complete_seeds  # noqa: E402
 
 PathLike = str | os.PathLike[str]
 
 GLUE_TASKS = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
-METHOD_ORDER = ("full", "lora", "bitfit", "random", "magnitude", "fisher", "sam", "bayestune")
+METHOD_ORDER = tuple(REGISTRY)
 FIXED_BUDGET = "-"  # budget label of methods whose trainable set is not a budget choice
-FIXED_METHODS = frozenset({"full", "lora", "bitfit"})
+FIXED_METHODS = frozenset(name for name, spec in REGISTRY.items() if spec.kind != BUDGETED)
 
 # Published scores at budget 0.5% for RoBERTa-base, mean of 10 seeds, x100 (the SAM paper:
 # Fu et al., "On the Effectiveness of Parameter-Efficient Fine-Tuning", AAAI 2023, Table 2;
@@ -63,6 +64,9 @@ PUBLISHED_GLUE: dict[str, tuple[float, ...]] = {  # the seven tasks, then the pu
 }
 PUBLISHED_BUDGET = "0.005"
 PUBLISHED_MODEL = "roberta-base"
+# Published rows of methods this project does not run: named in a note, never in the table.
+NOT_RUN = tuple(label for label in PUBLISHED_GLUE
+                if label not in {spec.published for spec in REGISTRY.values()})
 
 _RUN_KEYS = ("method", "budget", "task", "seed", "metric", "test_score", "trainable_fraction")
 
@@ -101,6 +105,8 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
             "model": str(record.get("model", "")),
             "stop_reason": str(record.get("stop_reason") or ""),  # "" in files older than it
             "still_improving": convergence.still_improving(record),
+            # the published row with the run's definition; none in files older than the field
+            "published_as": str(record.get("published_as") or ""),
         })
     if not rows:
         raise ValueError("no metrics.json files given; run the fine-tuning stage first")
@@ -161,24 +167,64 @@ def make_table(scores: pd.DataFrame, benchmark: str) -> pd.DataFrame:
     return _row_order(table.reset_index())
 
 
-def published_rows(model: str, tasks: Sequence[str] = GLUE_TASKS) -> pd.DataFrame:
-    """The published GLUE rows for RoBERTa-base (empty for any other model).
+def is_published_model(model: str) -> bool:
+    return model.rstrip("/").split("/")[-1] == PUBLISHED_MODEL
+
+
+def published_rows(model: str, tasks: Sequence[str] = GLUE_TASKS,
+                   labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """The published GLUE rows for RoBERTa-base (empty for any other model): ``labels``, or
+    every row whose method a registered method reproduces.
 
     ``avg`` is the published AVG when ``tasks`` are all seven, else the mean over ``tasks``,
     so that it compares with the average of a run that covers only those tasks.
     """
-    if model.rstrip("/").split("/")[-1] != PUBLISHED_MODEL:
+    if not is_published_model(model):
         return pd.DataFrame()
+    wanted = [label for label in PUBLISHED_GLUE if label not in NOT_RUN] if labels is None \
+        else list(labels)
     rows = []
-    for method, (*values, published_avg) in PUBLISHED_GLUE.items():
+    for label in wanted:
+        *values, published_avg = PUBLISHED_GLUE[label]
         by_task = dict(zip(GLUE_TASKS, values, strict=True))
-        row = {"method": f"{method} (published)", "budget": PUBLISHED_BUDGET}
+        row = {"method": f"{label} (published)", "budget": PUBLISHED_BUDGET}
         row.update({t: by_task[t] for t in tasks if t in by_task})
         shown = [by_task[t] for t in tasks if t in by_task]
         full = set(GLUE_TASKS) <= set(tasks)
         row["avg"] = published_avg if full else (sum(shown) / len(shown) if shown else math.nan)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def with_published_rows(table: pd.DataFrame, scores: pd.DataFrame, model: str,
+                        tasks: Sequence[str]) -> pd.DataFrame:
+    """``table`` with each published row right below our row of the same definition.
+
+    A row qualifies when every run behind it recorded the same ``published_as`` label (the
+    method's registry definition, with its published settings) and it is at the published
+    budget (or has no budget: full, BitFit, LoRA). lt-sft, fisher, bayestune and runs with
+    changed settings record none, so no published row stands beside them.
+    """
+    if not is_published_model(model) or "published_as" not in scores:
+        return table
+    labels = scores.groupby(["method", "budget"])["published_as"].agg(
+        lambda runs: runs.iloc[0] if runs.nunique() == 1 else "")
+    parts = []
+    for i, (method, budget) in enumerate(zip(table["method"], table["budget"], strict=True)):
+        parts.append(table.iloc[[i]])
+        label = labels.get((method, budget), "")
+        if label and budget in (PUBLISHED_BUDGET, FIXED_BUDGET):
+            parts.append(published_rows(model, tasks, [label]).assign(budget=budget))
+    return pd.concat(parts, ignore_index=True) if parts else table
+
+
+def published_note(model: str) -> str:
+    """The note under the Markdown table saying where the published rows come from."""
+    if not is_published_model(model):
+        return ""
+    return ("\n(published): RoBERTa-base at a 0.5% budget, mean of 10 seeds (Fu et al., AAAI "
+            "2023, Table 2), shown only beside our method of the same definition. Published "
+            f"rows of methods not run here: {', '.join(NOT_RUN)}.\n")
 
 
 def _markdown(table: pd.DataFrame, tasks: Sequence[str], extra: Sequence[str]) -> str:
@@ -215,7 +261,7 @@ def write_tables(scores: pd.DataFrame, out_dir: PathLike, benchmark: str,
     if benchmark == "glue":
         models = set(scores["model"]) if "model" in scores else set()
         model = model or (models.pop() if len(models) == 1 else "")
-        table = pd.concat([table, published_rows(model, tasks)], ignore_index=True)
+        table = with_published_rows(table, scores, model, tasks)
     extra = (["Natural", "Specialized", "Structured"] if benchmark == "vtab" else []) + ["avg"]
     paths = [out_dir / f"{benchmark}_{name}" for name in ("scores.csv", "table.csv", "table.md")]
     with files.atomic_output(paths[0]) as tmp:
@@ -223,7 +269,8 @@ def write_tables(scores: pd.DataFrame, out_dir: PathLike, benchmark: str,
     with files.atomic_output(paths[1]) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     with files.atomic_output(paths[2]) as tmp:
-        tmp.write_text(_markdown(table, tasks, extra) + _improving_note(scores)
+        note = published_note(model) if benchmark == "glue" else ""
+        tmp.write_text(_markdown(table, tasks, extra) + _improving_note(scores) + note
                        + _paired_markdown(differences, reference, main_budget))
     paths.append(write_paired(differences, out_dir / f"{benchmark}_paired.csv"))
     return paths
