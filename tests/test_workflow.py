@@ -31,7 +31,8 @@ BIN = Path(sys.executable).parent  # the venv's bin: snakemake, dvc and bayestun
 WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".dvcignore",
                   "tests/config"]
 GLUE_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
-ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "fisher", "sam", "lora"}
+ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "lt-sft", "fisher", "sam",
+               "lora"}
 
 
 def copy_workflow(dst: Path) -> Path:
@@ -121,14 +122,15 @@ def test_schema_sections_are_the_dataclass_fields():
     import dataclasses
 
     from bayestune.finetune import FinetuneConfig
-    from bayestune.methods import LoraSettings, MethodConfig
+    from bayestune.methods import LORA_PRESETS, LoraSettings, MethodConfig
+    from bayestune.methods.lora import LORA_INITS
     from bayestune.sampler import SamplerConfig
 
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
     sections = {
         "sampler": (schema["properties"]["sampler"], SamplerConfig, {"batch_size",
                                                                     "eval_batch_size"}),
-        "mask": (schema["properties"]["mask"], MethodConfig, {"batch_size"}),
+        "mask": (schema["definitions"]["mask"], MethodConfig, {"batch_size"}),
         "finetune": (schema["definitions"]["finetune"], FinetuneConfig, {"batch_size",
                                                                          "eval_batch_size"}),
         "lora": (schema["properties"]["lora"], LoraSettings, set()),
@@ -137,6 +139,8 @@ def test_schema_sections_are_the_dataclass_fields():
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(section["properties"]) == fields | cli_only, name
         assert section["additionalProperties"] is False, name
+    lora = schema["properties"]["lora"]["properties"]
+    assert lora["preset"]["enum"] == list(LORA_PRESETS) and lora["init"]["enum"] == list(LORA_INITS)
 
 
 def test_paper_config_is_the_paper():
@@ -153,12 +157,13 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
     config = yaml.safe_load((workdir / "config/config.yaml").read_text())
     tasks, seeds, budgets = len(config["tasks"]), len(config["seeds"]), len(config["budgets"])
     counts = job_counts(dry_run("config/config.yaml"))
-    budgeted = len({"bayestune", "random", "magnitude", "fisher", "sam"})
+    budgeted = len({"bayestune", "random", "magnitude", "lt-sft", "fisher", "sam"})
     runs_per_task_seed = budgeted * budgets + 3  # + bitfit, full, lora: one run each
     assert counts == {
         "prepare": tasks,
         "sample": tasks * seeds,
-        "mask": budgeted * tasks * seeds,          # one job writes every budget's mask
+        "mask": (budgeted - 1) * tasks * seeds,    # one job writes every budget's mask
+        "mask_started": tasks * seeds,             # magnitude: its masks and stage 2's start
         "mask_fixed": tasks * seeds,               # bitfit
         "finetune": runs_per_task_seed * tasks * seeds,
         "task_figures": tasks,
@@ -169,7 +174,7 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
         "all": 1,
         "total": sum(counts.values()) - counts["total"],
     }
-    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 630, 900)
+    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 735, 1040)
 
 
 @pytest.mark.parametrize("config", ["config/config.yaml", "config/vtab.yaml",
@@ -187,6 +192,28 @@ def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
     for key, value in ours.items():
         assert getattr(sample, key) == value, key
     assert str(sample.checkpoint).endswith(".ckpt")
+
+
+def test_dry_run_passes_method_settings_and_the_magnitude_start(workdir, dry_run):
+    commands = bayestune_commands(dry_run("config/cpu.yaml"))
+    magnitude = [a for a in commands["finetune"] if "results/cpu/masks/magnitude/" in " ".join(a)]
+    assert magnitude and all("--start" in argv for argv in magnitude)
+    start = magnitude[0][magnitude[0].index("--start") + 1]
+    assert start.endswith("masks/magnitude/cb/seed0/start.safetensors") or "/start." in start
+    assert not any("--start" in argv for argv in commands["finetune"] if argv not in magnitude)
+    assert any("--method lt-sft" in " ".join(argv) for argv in commands["mask"])
+    demo = bayestune_commands(dry_run("config/demo.yaml"))["mask"]
+    by_method = {argv[argv.index("--method") + 1]: argv for argv in demo}
+    assert "--keep-head" in by_method["bayestune"] and "--keep-head" not in by_method["random"]
+
+
+def test_dry_run_names_an_unknown_method_and_the_known_ones(tmp_path, workdir):
+    config = write_config(tmp_path / "bad.yaml", workdir / "tests/config/tiny.yaml",
+                          methods=["bayestune", "magprune"])
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(config))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "unknown method(s) magprune; known methods: full, lora, bitfit" in output
 
 
 # --- SLURM profile, stub cluster ---------------------------------------------------------------

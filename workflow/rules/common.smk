@@ -19,7 +19,8 @@ import re
 import shlex
 import sys
 
-from bayestune.masks import mask_file_name
+from bayestune.masks import START_FILE_NAME, mask_file_name
+from bayestune.methods.registry import BUDGETED as _BUDGETED, FIXED as _FIXED, REGISTRY
 
 RES = config["results_dir"].rstrip("/")
 PREP = config["prepared_dir"].rstrip("/")
@@ -30,10 +31,27 @@ BUDGETS = list(config["budgets"])
 MAIN_BUDGET = config["main_budget"]
 METHODS = list(config["methods"])
 
-BUDGETED = ["bayestune", "random", "magnitude", "fisher", "sam"]  # one mask per budget
-FIXED = ["bitfit"]  # mask fixed by the architecture: one mask, filed under main_budget
-UNMASKED = {"full": "all", "lora": "lora"}  # no mask file; their budget folder's label
-GRADIENT = ["magnitude", "fisher", "sam"]  # score masks from training data: data + a GPU
+# Method names come from the package's registry (bayestune.methods.registry), nowhere else.
+BUDGETED = [m for m, spec in REGISTRY.items() if spec.kind == _BUDGETED]  # a mask per budget
+FIXED = [m for m, spec in REGISTRY.items() if spec.kind == _FIXED]  # one mask, under main_budget
+# No mask file; the folder label of their one run (full fine-tuning's is "all").
+UNMASKED = {m: "all" if m == "full" else m for m in REGISTRY if m not in BUDGETED + FIXED}
+GRADIENT = [m for m, spec in REGISTRY.items() if spec.needs_data]  # training data + a GPU
+STARTED = [m for m, spec in REGISTRY.items() if spec.writes_start]  # stage 2 goes on from a start
+
+
+def _check_method_names():
+    """The schema cannot read the registry, so unknown method names are caught here."""
+    named = {"methods": METHODS, "finetune_by_method": list(config["finetune_by_method"]),
+             "mask_by_method": list(config["mask_by_method"])}
+    for key, names in named.items():
+        unknown = [m for m in names if m not in REGISTRY]
+        if unknown:
+            raise ValueError(f"config key {key}: unknown method(s) {', '.join(unknown)}; "
+                             f"known methods: {', '.join(REGISTRY)}")
+
+
+_check_method_names()
 
 MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
 # Locally `gpu` limits nothing unless --resources gpu=N; on SLURM gpu=1 becomes --gpus=1.
@@ -127,6 +145,11 @@ def mask_file(method, task, seed, label):
     return f"{RES}/masks/{method}/{task}/seed{seed}/{label}.safetensors"
 
 
+def start_file(method, task, seed):
+    """Beside the masks of a method that trains before it ranks: stage 2's start weights."""
+    return f"{RES}/masks/{method}/{task}/seed{seed}/{START_FILE_NAME}"
+
+
 def run_dir(method, task, label, seed):
     return f"{RES}/finetune/{method}/{task}/{label}/seed{seed}"
 
@@ -158,19 +181,30 @@ def mask_options(wildcards):
     return " ".join(f"--{kind} {path}" for kind, path in mask_inputs(wildcards).items())
 
 
+def mask_flags(wildcards):
+    """The mask section with the method's own overrides (e.g. bayestune: {keep_head: true})."""
+    overrides = config["mask_by_method"].get(wildcards.method, {})
+    return cli_flags({**config["mask"], **overrides})
+
+
 def finetune_inputs(wildcards):
     inputs = {"data": prepared(wildcards.task)}
     if wildcards.method not in UNMASKED:
         inputs["mask"] = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label)
+    if wildcards.method in STARTED:
+        inputs["start"] = start_file(wildcards.method, wildcards.task, wildcards.seed)
     return inputs
 
 
 def finetune_source(wildcards, input):
-    """--mask FILE for mask methods, --method full|lora (+ LoRA flags) otherwise."""
+    """--mask FILE (+ --start FILE) for mask methods, --method full|lora (+ LoRA flags)
+    otherwise."""
     if wildcards.method == "lora":
         return "--method lora " + cli_flags(config["lora"], prefix="lora_")
     if wildcards.method in UNMASKED:
         return f"--method {wildcards.method}"
+    if wildcards.method in STARTED:
+        return f"--mask {input.mask} --start {input.start}"
     return f"--mask {input.mask}"
 
 
@@ -242,5 +276,5 @@ def all_targets():
 wildcard_constraints:
     task="|".join(map(re.escape, TASKS)),
     seed=r"\d+",
-    method="|".join(BUDGETED + FIXED + list(UNMASKED)),
+    method="|".join(map(re.escape, REGISTRY)),
     label=r"p[0-9.e+-]+|all|lora",

@@ -1,5 +1,6 @@
 # Masks: every method writes one mask per budget from one ranking (nested masks); bitfit's
-# mask is fixed by the architecture and written once, under main_budget.
+# mask is fixed by the architecture and written once, under main_budget. A method that trains
+# before it ranks (magnitude) also writes the weights stage 2 starts from (rule mask_started).
 
 
 rule mask:
@@ -8,7 +9,7 @@ rule mask:
     output:
         [mask_file("{method}", "{task}", "{seed}", budget_label(b)) for b in BUDGETS],
     wildcard_constraints:
-        method="|".join(BUDGETED),
+        method="|".join(map(re.escape, [m for m in BUDGETED if m not in STARTED])),
     log:
         f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
@@ -19,7 +20,7 @@ rule mask:
         budgets=budgets_flag(BUDGETS),
         out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
         inputs=mask_options,
-        flags=cli_flags(config["mask"]),
+        flags=mask_flags,
     threads: res("mask", "threads")
     resources:
         gpu=lambda wc: GPU if wc.method in GRADIENT else 0,
@@ -36,7 +37,7 @@ rule mask_fixed:
     output:
         mask_file("{method}", "{task}", "{seed}", budget_label(MAIN_BUDGET)),
     wildcard_constraints:
-        method="|".join(FIXED),
+        method="|".join(map(re.escape, FIXED)),
     log:
         f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
@@ -44,7 +45,7 @@ rule mask_fixed:
         model=config["model"],
         budgets=budgets_flag([MAIN_BUDGET]),
         out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
-        flags=cli_flags(config["mask"]),
+        flags=mask_flags,
     threads: 1
     resources:
         mem_mb=res("mask", "mem_mb"),
@@ -53,3 +54,11 @@ rule mask_fixed:
         "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
         " --budgets {params.budgets} --out-dir {params.out_dir} {params.flags} > {log} 2>&1"
+
+
+use rule mask as mask_started with:
+    output:
+        [mask_file("{method}", "{task}", "{seed}", budget_label(b)) for b in BUDGETS],
+        start_file("{method}", "{task}", "{seed}"),
+    wildcard_constraints:
+        method="|".join(map(re.escape, STARTED)),
