@@ -76,8 +76,12 @@ def test_paper_plan(paper_plan) -> None:
     kinds = paper_plan.by_kind().set_index("kind")
     assert kinds.loc["scale files", "results"] == pytest.approx(runs * 4 * paper_plan.n_scalars,
                                                                 rel=1e-3)
-    assert kinds.loc["masks", "files"] == paper_plan.job_counts["mask"] * len(
-        config["budgets"]) + paper_plan.job_counts["mask_fixed"]
+    ranked = paper_plan.job_counts["mask"] + paper_plan.job_counts["mask_started"]
+    assert kinds.loc["masks", "files"] == ranked * len(config["budgets"]) + paper_plan.job_counts[
+        "mask_fixed"]
+    # magnitude's start weights: a whole model per (task, seed), tracked but not cached
+    assert kinds.loc["start weights", "files"] == paper_plan.job_counts["mask_started"]
+    assert kinds.loc["start weights", "cache"] == 0
     # a mask at 0.5% of RoBERTa-base: about 4 bytes per selected scalar, not a byte per scalar
     masks = [f for job in paper_plan.jobs for f in job.files
              if f.kind == "masks" and f.path.endswith("p0.005.safetensors")
@@ -92,7 +96,7 @@ def test_paper_plan(paper_plan) -> None:
 
 
 def test_gpu_jobs_take_a_gpu_slot(paper_plan, tiny_plan) -> None:
-    gradient = {"magnitude", "fisher", "sam"}
+    gradient = {"magnitude", "lt-sft", "fisher", "sam"}
     for job in paper_plan.jobs:
         if job.command is None or job.command[0] not in ("sample", "finetune", "mask"):
             continue

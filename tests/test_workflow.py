@@ -199,7 +199,10 @@ def test_dry_run_passes_method_settings_and_the_magnitude_start(workdir, dry_run
     magnitude = [a for a in commands["finetune"] if "results/cpu/masks/magnitude/" in " ".join(a)]
     assert magnitude and all("--start" in argv for argv in magnitude)
     start = magnitude[0][magnitude[0].index("--start") + 1]
-    assert start.endswith("masks/magnitude/cb/seed0/start.safetensors") or "/start." in start
+    assert start.startswith("results/cpu/finetune/magnitude/") and "/start/seed" in start
+    masks = [a for a in commands["mask"] if "--start-out" in a]
+    assert {a[a.index("--method") + 1] for a in masks} == {"magnitude"}
+    assert {a[a.index("--start-out") + 1] for a in masks} >= {start}
     assert not any("--start" in argv for argv in commands["finetune"] if argv not in magnitude)
     assert any("--method lt-sft" in " ".join(argv) for argv in commands["mask"])
     demo = bayestune_commands(dry_run("config/demo.yaml"))["mask"]

@@ -125,7 +125,7 @@ def cmd_mask(args: argparse.Namespace) -> None:
                              start=masks.start is not None, **method_settings(config))
         files.save_mask(out_dir / mask_file_name(budget), mask, meta)
     if masks.start is not None:
-        files.save_model_state(out_dir / START_FILE_NAME, masks.start,
+        files.save_model_state(args.start_out or out_dir / START_FILE_NAME, masks.start,
                                {"method": args.method, "start_of": "stage 2", **run,
                                 **method_settings(config)})
 
@@ -179,8 +179,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
         if mask_meta.get("start") and args.start is None:
             raise ValueError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
-                             "goes on from those weights; pass --start with the start file "
-                             "beside the mask")
+                             "goes on from those weights; pass --start with the start file its "
+                             "mask job wrote (mask --start-out)")
     moved = _load_start(args.start, model, args) if args.start is not None else None
     trained, lora_preset = model, None
     if args.method == "lora" and mask is None:
@@ -199,6 +199,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                       "method": method, "budget": budget})
     # With a start, every scalar the start moved is trained as much as the masked ones: the
     # trainable fraction counts both, and the changed fraction says what differs from theta0.
+    changed = sum(int((p.detach() != theta0[n].to(p.device)).sum())
+                  for n, p in model.named_parameters())
     trainable = result.trainable_fraction
     if moved is not None and mask is not None:
         trainable = mask_fraction({n: moved[n] | mask[n] for n in moved})
@@ -207,7 +209,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "model": model.model_id, "metric": spec.metric_name,
         "test_score": result.test_score, "val_score": result.val_score,
         "trainable_fraction": trainable, "mask_fraction": result.trainable_fraction,
-        "changed_fraction": sum(len(i) for i, _ in delta.values()) / result.n_total,
+        "changed_fraction": changed / result.n_total,
         "n_trainable": result.n_trainable, "n_total": result.n_total,
         "published_as": _published_as(method, mask_meta, lora_preset),
         "lora_preset": lora_preset, "start": None if args.start is None else str(args.start),
@@ -327,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--budgets", type=parse_budgets, required=True, help="e.g. 0.001,0.005")
     p.add_argument("--scores", type=Path, default=None, help="scale or score file (bayestune)")
+    p.add_argument("--start-out", type=Path, default=None,
+                   help="where a method that trains before it ranks (magnitude) writes stage "
+                        "2's start weights (default: OUT_DIR/start.safetensors)")
     p.add_argument("--out-dir", type=Path, required=True)
     add_config_flags(p, MethodConfig)
     p.set_defaults(func=cmd_mask)
@@ -337,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="full", choices=["full", "lora"],
                    help="without --mask: full fine-tuning or LoRA")
     p.add_argument("--start", type=Path, default=None,
-                   help="weights to start from instead of theta0 (the start.safetensors that "
-                        "`mask` writes beside a magnitude mask); the delta stays against theta0")
+                   help="weights to start from instead of theta0 (the start file `mask` writes for "
+                        "magnitude); the delta stays against theta0")
     p.add_argument("--out-dir", type=Path, required=True)
     add_config_flags(p, FinetuneConfig)
     add_config_flags(p, LoraSettings, prefix="lora_")

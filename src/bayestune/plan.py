@@ -28,9 +28,10 @@ from bayestune import sizes
 
 VISION_TOKENS = 197  # ViT-B/16 at 224 px: 14 x 14 patches and the class token
 # Scoring steps of the gradient-based mask methods, in AdamW-step equivalents: the option
-# that counts them and how many forward-backward passes each costs (SAM takes two).
-SCORING_STEPS = {"magnitude": ("magnitude_steps", 1), "fisher": ("fisher_batches", 1),
-                 "sam": ("sam_steps", 2)}
+# that counts them and how many forward-backward passes each costs. Each of fisher's examples
+# is a pass of its own (batch size 1), counted as a whole step: an upper bound.
+SCORING_STEPS = {"magnitude": ("magnitude_steps", 1), "lt-sft": ("lt_sft_steps", 1),
+                 "fisher": ("fisher_examples", 1), "sam": ("sam_steps", 1)}
 
 
 class PlanError(ValueError):
@@ -264,19 +265,35 @@ class _FileSizes:
         return [PlannedFile(p, "tables and figures", sizes.SMALL_FILE_BYTES) for p in job.outputs]
 
     def _mask(self, path: str, args: Namespace) -> PlannedFile:
+        from bayestune.cli import config_from_args
+        from bayestune.masks import START_FILE_NAME
+        from bayestune.methods import MethodConfig, ranking_options
+
+        start = args.start_out or Path(args.out_dir) / START_FILE_NAME
+        if Path(path) == Path(start):  # magnitude's start weights: a whole model
+            return PlannedFile(path, "start weights", sizes.delta_file_bytes(
+                self.shapes, sizes.full_changes(self.shapes)))
         budget = _budget_of(path)
-        selected = sizes.selected_counts(self.shapes, args.method, budget, args.keep_head)
+        keep_head = ranking_options(args.method, config_from_args(args, MethodConfig))["keep_head"]
+        selected = sizes.selected_counts(self.shapes, args.method, budget, keep_head)
         return PlannedFile(path, "masks", sizes.mask_file_bytes(self.shapes, selected))
 
     def _finetune(self, path: str, args: Namespace, job: DryRunJob) -> PlannedFile:
         if not path.endswith(".safetensors"):
             return PlannedFile(path, "metrics", sizes.METRICS_BYTES)
-        if args.mask is not None:
+        if args.mask is not None and args.start is not None:  # the start moved everything
+            changed, kind = sizes.full_changes(self.shapes), "deltas, masked"
+        elif args.mask is not None:
             method = job.wildcards.get("method", "")
             changed = sizes.selected_counts(self.shapes, method, _budget_of(str(args.mask)))
             kind = "deltas, masked"
         elif args.method == "lora":
-            changed = sizes.lora_changes(self.shapes, args.lora_target_modules)
+            from bayestune.cli import config_from_args
+            from bayestune.methods import LoraSettings
+
+            lora = config_from_args(args, LoraSettings, prefix="lora_").resolved()
+            changed = sizes.lora_changes(self.shapes, str(lora["target_modules"]),
+                                         bool(lora["train_head"]))
             kind = "deltas, lora"
         else:
             changed = sizes.full_changes(self.shapes)

@@ -131,19 +131,20 @@ def full_changes(shapes: Shapes) -> Counts:
     return {name: numel(shape) for name, shape in shapes.items()}
 
 
-def lora_changes(shapes: Shapes, target_modules: str) -> Counts:
-    """Merged LoRA changes its target layers' weights and the head, every scalar of them."""
+def lora_changes(shapes: Shapes, target_modules: str, train_head: bool = True) -> Counts:
+    """Merged LoRA changes its target layers' weights (module names or name suffixes, as peft
+    matches them) and, when it trains, the head: every scalar of them."""
     targets = {t.strip() for t in target_modules.split(",") if t.strip()}
 
     def changes(name: str, shape: tuple[int, ...]) -> bool:
         if is_head(name):
-            return True
+            return train_head
         module, _, kind = name.rpartition(".")
         if kind != "weight" or len(shape) != 2:
             return False
         if "all-linear" in targets:
             return "embeddings" not in module
-        return module.rpartition(".")[2] in targets
+        return any(module == t or module.endswith("." + t) for t in targets)
 
     return {n: numel(s) for n, s in shapes.items() if changes(n, s)}
 

@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 
-from bayestune.masks import START_FILE_NAME, mask_file_name
+from bayestune.masks import mask_file_name
 from bayestune.methods.registry import BUDGETED as _BUDGETED, FIXED as _FIXED, REGISTRY
 
 RES = config["results_dir"].rstrip("/")
@@ -146,8 +146,10 @@ def mask_file(method, task, seed, label):
 
 
 def start_file(method, task, seed):
-    """Beside the masks of a method that trains before it ranks: stage 2's start weights."""
-    return f"{RES}/masks/{method}/{task}/seed{seed}/{START_FILE_NAME}"
+    """Stage 2's start weights, written by the mask job of a method that trains before it
+    ranks. A whole model per file: they sit with the fine-tuning runs, which DVC tracks
+    without caching, not with the small masks."""
+    return f"{RES}/finetune/{method}/{task}/start/seed{seed}.safetensors"
 
 
 def run_dir(method, task, label, seed):
@@ -178,7 +180,10 @@ def mask_inputs(wildcards):
 
 
 def mask_options(wildcards):
-    return " ".join(f"--{kind} {path}" for kind, path in mask_inputs(wildcards).items())
+    options = [f"--{kind} {path}" for kind, path in mask_inputs(wildcards).items()]
+    if wildcards.method in STARTED:
+        options.append(f"--start-out {start_file(wildcards.method, wildcards.task, wildcards.seed)}")
+    return " ".join(options)
 
 
 def mask_flags(wildcards):

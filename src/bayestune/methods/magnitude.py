@@ -8,7 +8,7 @@ step it ranks |theta| (the weights after 499 updates, NOT |theta - theta0|) per 
 then on zeroes the gradient of every unselected encoder scalar. There is no restart: the final
 model differs from theta0 in every scalar the full phase moved. Here the mask stage runs those
 ``magnitude_steps - 1`` updates and hands the weights to stage 2 as its start
-(``Masks.start``, the ``start.safetensors`` file beside the masks); stage 2 then trains the
+(``Masks.start``, a start file that ``finetune --start`` reads); stage 2 then trains the
 mask from there. At jiant's warm-up the rate is still a small fraction of its peak after 499
 steps, so the ranking is mostly that of |theta0|: that is the published method.
 """
