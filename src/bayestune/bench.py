@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from bayestune.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MODELS = ("minilm", "roberta-base-random", "tiny-random")
@@ -263,9 +265,9 @@ def run_bench(out: Path, model: str = "minilm", steps: int = 12, warmup: int = 3
     from bayestune import files
 
     if model not in MODELS:
-        raise ValueError(f"unknown bench model {model!r}; choose one of {', '.join(MODELS)}")
+        raise ConfigError(f"unknown bench model {model!r}; choose one of {', '.join(MODELS)}")
     if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
+        raise ConfigError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
     common = {"model": model, "device": device, "seq_len": seq_len}
     run = _spawn if isolate else run_worker
     with tempfile.TemporaryDirectory(prefix="bayestune-bench-") as workdir:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bayestune import __version__
+from bayestune.errors import BayesTuneError, ConfigError
 
 log = logging.getLogger("bayestune")
 Config = TypeVar("Config")
@@ -53,7 +54,10 @@ def parse_budgets(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"budgets must be comma-separated numbers: {text!r}") from err
     for budget in budgets:
-        check_budget(budget)
+        try:
+            check_budget(budget)
+        except ValueError as err:  # argparse shows its own text for a ValueError, not err's
+            raise argparse.ArgumentTypeError(str(err)) from err
     return budgets
 
 
@@ -178,9 +182,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
         method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
         if mask_meta.get("start") and args.start is None:
-            raise ValueError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
-                             "goes on from those weights; pass --start with the start file its "
-                             "mask job wrote (mask --start-out)")
+            raise ConfigError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
+                              "goes on from those weights; pass --start with the start file its "
+                              "mask job wrote (mask --start-out)")
     moved = _load_start(args.start, model, args) if args.start is not None else None
     trained, lora_preset = model, None
     if args.method == "lora" and mask is None:
@@ -421,8 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             args.device = str(assign_device(args.device, args.gpu_slots, args.jobs_per_gpu))
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Bad input and failed runs end with one clear line, not a traceback.
+    except BayesTuneError as err:
+        # Bad input and failed runs end with one clear line; anything else is a bug or a failure
+        # of the machine (out of memory, ...) and keeps its traceback.
         print(f"bayestune {args.command}: error: {err}", file=sys.stderr)
         return 2
     log.info("%s done in %.1f s", args.command, time.time() - started)

@@ -25,9 +25,11 @@ from typing import TextIO
 
 import torch
 
+from bayestune.errors import ConfigError, RunFailedError
+
 log = logging.getLogger(__name__)
 
-class NoFreeGpuSlot(RuntimeError):
+class NoFreeGpuSlot(RunFailedError):
     """Every slot stayed taken for the whole wait."""
 
 
@@ -75,8 +77,8 @@ def take_slot(folder: str | os.PathLike[str], n_gpus: int, jobs_per_gpu: int = 1
     jobs were allowed than there are slots, or another run shares the folder.
     """
     if n_gpus < 1 or jobs_per_gpu < 1:
-        raise ValueError(f"need at least one GPU and one job per GPU (got {n_gpus} GPUs, "
-                         f"jobs_per_gpu {jobs_per_gpu})")
+        raise ConfigError(f"need at least one GPU and one job per GPU (got {n_gpus} GPUs, "
+                          f"jobs_per_gpu {jobs_per_gpu})")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -111,7 +113,7 @@ def choose_device(device: str, slot_folder: str | os.PathLike[str], jobs_per_gpu
         return torch.device(device)
     if n_gpus == 0:
         if device == "cuda":
-            raise ValueError("device cuda requested but no GPU is visible; use --device cpu")
+            raise ConfigError("device cuda requested but no GPU is visible; use --device cpu")
         return torch.device("cpu")
     if n_gpus == 1:
         return torch.device("cuda")

@@ -26,13 +26,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from bayestune import __version__
+from bayestune.errors import DataError, MissingFileError
 
 METADATA_KEY = "bayestune"
 PathLike = str | os.PathLike[str]
 Tensors = Mapping[str, torch.Tensor]
 
 
-class FileFormatError(ValueError):
+class FileFormatError(DataError):
     """A file exists but is not what the caller expects (wrong kind, model or shapes)."""
 
 
@@ -61,7 +62,7 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], kind: str, me
 def _load_tensors(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {kind} file; run the stage that writes it first")
+        raise MissingFileError(f"{path}: no such {kind} file; run the stage that writes it first")
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw_meta = (handle.metadata() or {}).get(METADATA_KEY)
@@ -69,7 +70,11 @@ def _load_tensors(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor], d
     except SafetensorError as err:
         raise FileFormatError(f"{path}: not a readable safetensors file ({err}); delete it and "
                               "rerun the stage that writes it") from err
-    meta = json.loads(raw_meta) if raw_meta else {}
+    try:
+        meta = json.loads(raw_meta) if raw_meta else {}
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: its bayestune metadata is damaged ({err}); delete it and "
+                              "rerun the stage that writes it") from err
     found = meta.get("kind")
     if found != kind:
         found = found or "no bayestune metadata"
@@ -290,7 +295,7 @@ def write_json(path: PathLike, record: Mapping[str, Any]) -> None:
 def read_json(path: PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; run the stage that writes it first")
+        raise MissingFileError(f"{path}: no such file; run the stage that writes it first")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

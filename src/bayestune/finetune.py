@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from bayestune.errors import ConfigError, DataError
 from bayestune.files import check_matches_model
 from bayestune.models.base import TaskModel, move_batch, resolve_device
 from bayestune.tasks.base import TaskData, TaskSpec, evaluate
@@ -47,10 +48,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.eval_every < 1 or self.patience < 1:
-            raise ValueError("max_steps, eval_every and patience must be at least 1 "
-                             f"(got {self.max_steps}, {self.eval_every}, {self.patience})")
+            raise ConfigError("max_steps, eval_every and patience must be at least 1 "
+                              f"(got {self.max_steps}, {self.eval_every}, {self.patience})")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+            raise ConfigError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
 
 
 @dataclass
@@ -116,7 +117,7 @@ class MaskedUpdater:
             self.slots.append((param, idx, offset, offset + idx.numel()))
             offset += idx.numel()
         if offset == 0:
-            raise ValueError("the mask selects no scalar; raise the budget or use --keep-head")
+            raise ConfigError("the mask selects no scalar; raise the budget or use --keep-head")
         with torch.no_grad():
             packed = torch.cat([p.view(-1)[idx] for p, idx, _, _ in self.slots]).float()
         self.packed = nn.Parameter(packed)
@@ -204,7 +205,7 @@ def _train_batches(data: TaskData) -> Iterable[dict]:
             empty = False
             yield batch
         if empty:
-            raise ValueError("the training loader yields no batch; check the prepared train split")
+            raise DataError("the training loader yields no batch; check the prepared train split")
         epoch += 1
 
 

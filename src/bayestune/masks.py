@@ -16,6 +16,7 @@ from fractions import Fraction
 
 import torch
 
+from bayestune.errors import ConfigError, DataError
 from bayestune.models.base import is_head
 
 Mask = dict[str, torch.Tensor]
@@ -26,11 +27,11 @@ def check_budget(p: float) -> float:
     try:
         value = float(p)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"budget {p!r} is not a number; give a fraction in (0, 1], "
-                         "e.g. 0.005 for 0.5%") from err
+        raise ConfigError(f"budget {p!r} is not a number; give a fraction in (0, 1], "
+                          "e.g. 0.005 for 0.5%") from err
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise ValueError(f"budget {p!r} is outside the valid range (0, 1]; give a fraction "
-                         "of all scalars, e.g. 0.005 for 0.5%")
+        raise ConfigError(f"budget {p!r} is outside the valid range (0, 1]; give a fraction "
+                          "of all scalars, e.g. 0.005 for 0.5%")
     return value
 
 
@@ -81,8 +82,8 @@ def _flat_scores(scores: Mapping[str, torch.Tensor], names: Sequence[str]) -> to
     flat = torch.cat([scores[n].detach().reshape(-1).to(dtype) for n in names])
     if torch.isnan(flat).any():
         bad = next(n for n in names if torch.isnan(scores[n]).any())
-        raise ValueError(f"scores contain NaN (first tensor: {bad}); the score file is broken, "
-                         "regenerate it")
+        raise DataError(f"scores contain NaN (first tensor: {bad}); the score file is broken, "
+                        "regenerate it")
     return flat
 
 
@@ -155,12 +156,25 @@ def masks_from_scores(
     """
     budgets = [check_budget(p) for p in budgets]
     if not budgets:
-        raise ValueError("no budgets given; pass at least one fraction in (0, 1]")
+        raise ConfigError("no budgets given; pass at least one fraction in (0, 1]")
     if not scores:
-        raise ValueError("no score tensors given; the score file is empty")
+        raise DataError("no score tensors given; the score file is empty")
     if per_tensor:
         return _per_tensor_masks(scores, budgets, keep_head)
     return _global_masks(scores, budgets, keep_head, head_counts_toward_budget)
+
+
+def check_selects_some(mask: Mapping[str, torch.Tensor], budget: float, *,
+                       per_tensor: bool = False) -> None:
+    """Raise if the budget's mask selects no scalar: fine-tuning would have nothing to train."""
+    if any(bool(m.any()) for m in mask.values()):
+        return
+    sizes = [m.numel() for m in mask.values()]
+    n = max(sizes, default=0) if per_tensor else sum(sizes)
+    where = f"in any tensor (largest: {n} scalars)" if per_tensor else f"of the model's {n}"
+    least = f"at least {1 / n:.3g}, " if n else ""
+    raise ConfigError(f"budget {budget:g} selects no scalar {where}: floor(budget x {n}) = 0; "
+                      f"raise it to {least}or keep the head trainable (--keep-head)")
 
 
 def mask_file_name(budget: float) -> str:

@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from bayestune import sizes
+from bayestune.errors import ConfigError
 
 VISION_TOKENS = 197  # ViT-B/16 at 224 px: 14 x 14 patches and the class token
 # Scoring steps of the gradient-based mask methods, in AdamW-step equivalents: the option
@@ -34,7 +35,7 @@ SCORING_STEPS = {"magnitude": ("magnitude_steps", 1), "lt-sft": ("lt_sft_steps",
                  "fisher": ("fisher_examples", 1), "sam": ("sam_steps", 1)}
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """The plan cannot be made: no workflow here, a failed dry run, no cost for the model."""
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bayestune.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LaplaceGammaPrior:
@@ -37,7 +39,7 @@ class LaplaceGammaPrior:
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "temperature", "floor"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"prior {name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"prior {name} must be > 0, got {getattr(self, name)}")
 
     def scale(self, lam: Tensor) -> Tensor:
         """The value of lambda actually used: max(lambda, floor)."""

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bayestune import convergence, files, paired  # noqa: E402
+from bayestune.errors import ConfigError  # noqa: E402
 from bayestune.methods.registry import BUDGETED, REGISTRY  # noqa: E402
 from bayestune.models.base import is_head  # noqa: E402
 from bayestune.sweep import complete_seeds  # noqa: E402
@@ -109,13 +110,13 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
             "published_as": str(record.get("published_as") or ""),
         })
     if not rows:
-        raise ValueError("no metrics.json files given; run the fine-tuning stage first")
+        raise ConfigError("no metrics.json files given; run the fine-tuning stage first")
     scores = pd.DataFrame(rows)
     dupes = scores.duplicated(["method", "budget", "task", "seed"])
     if dupes.any():
         first = scores[dupes].iloc[0]
-        raise ValueError(f"two runs of {first.method} budget {first.budget} on {first.task} seed "
-                         f"{first.seed}: pass each metrics.json once")
+        raise ConfigError(f"two runs of {first.method} budget {first.budget} on {first.task} seed "
+                          f"{first.seed}: pass each metrics.json once")
     return scores
 
 
@@ -145,7 +146,7 @@ def make_table(scores: pd.DataFrame, benchmark: str) -> pd.DataFrame:
     ``avg`` is the mean of the group means (NaN unless every group has a task), as published.
     """
     if benchmark not in ("glue", "vtab"):
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose glue or vtab")
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose glue or vtab")
     tasks = _task_order(scores["task"], benchmark)
     keys = ["method", "budget"]
     stats = scores.groupby(keys + ["task"])["score"].agg(["mean", "std", "count"])
@@ -715,8 +716,8 @@ def write_figures(out_dir: PathLike, scales: Sequence[PathLike] = (),
         written.append(plot_paired_differences(read_paired(paired_csv),
                                                out_dir / "paired_differences.png"))
     if not written:
-        raise ValueError("nothing to plot: give --scales, --masks, --scores-csv, --metrics or "
-                         "--paired-csv")
+        raise ConfigError("nothing to plot: give --scales, --masks, --scores-csv, --metrics or "
+                          "--paired-csv")
     return written
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayestune import files
+from bayestune.errors import ConfigError, DataError, RunFailedError
 from bayestune.models.base import move_batch, resolve_device
 from bayestune.prior import FlatLayout, LaplaceGammaPrior
 from bayestune.running_stats import RunningStats
@@ -50,11 +51,11 @@ CHECKPOINT_VERSION = 2  # 2: the running statistics are checkpoint attachments
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
 
-class SamplerConfigError(ValueError):
+class SamplerConfigError(ConfigError):
     """A sampler setting that cannot work (bad range, no samples, unknown variant)."""
 
 
-class SamplingDivergedError(RuntimeError):
+class SamplingDivergedError(RunFailedError):
     """The loss or lambda became NaN or infinite; carries the step and the parameter name."""
 
     def __init__(self, message: str, *, step: int, name: str | None) -> None:
@@ -525,9 +526,9 @@ def _epoch_iter(batches: Callable[[int], Iterable[dict]], sampler: Sampler) -> I
     it = iter(batches(sampler.epoch))
     skipped = sum(1 for _ in itertools.islice(it, sampler.position))
     if skipped < sampler.position:
-        raise ValueError(f"epoch {sampler.epoch} has {skipped} batches but the checkpoint had "
-                         f"used {sampler.position}; the training data changed since, so delete "
-                         "the checkpoint")
+        raise DataError(f"epoch {sampler.epoch} has {skipped} batches but the checkpoint had "
+                        f"used {sampler.position}; the training data changed since, so delete "
+                        "the checkpoint")
     if sampler.position == 0:
         return _nonempty(it, sampler.epoch)
     return it
@@ -539,7 +540,7 @@ def _nonempty(it: Iterable[dict], epoch: int) -> Iterable[dict]:
         empty = False
         yield batch
     if empty:
-        raise ValueError(f"batches({epoch}) yielded no batches; is the training split empty?")
+        raise DataError(f"batches({epoch}) yielded no batches; is the training split empty?")
 
 
 def _maybe_checkpoint(sampler: Sampler, path: Path | None, seed: int) -> None:

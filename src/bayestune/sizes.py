@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bayestune import files
+from bayestune.errors import ConfigError
 from bayestune.models.base import is_head
 
 Shapes = dict[str, tuple[int, ...]]
@@ -47,8 +48,8 @@ def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping]) 
             model = _meta_model(model_name, benchmark, entry)
     except (OSError, ValueError, RuntimeError) as err:
         if entry is None or "scalars" not in entry:
-            raise ValueError(f"cannot tell how many scalars {model_name!r} has ({err}); add it "
-                             "with its scalar count to config/costs.yaml") from err
+            raise ConfigError(f"cannot tell how many scalars {model_name!r} has ({err}); add it "
+                              "with its scalar count to config/costs.yaml") from err
         return {"(all scalars)": (int(entry["scalars"]),)}, "scalar count from the cost table"
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     return shapes, "shapes built on the meta device, no weights loaded"

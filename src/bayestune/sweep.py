@@ -27,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from bayestune import files
+from bayestune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,13 @@ def _check_run(run: Mapping[str, Any]) -> None:
 
     name, method = run["name"], run.get("method", "bayestune")
     if method not in (*METHODS, "lora"):
-        raise ValueError(f"sweep run {name!r}: unknown method {method!r}; known: "
-                         f"{', '.join(sorted((*METHODS, 'lora')))}")
+        raise ConfigError(f"sweep run {name!r}: unknown method {method!r}; known: "
+                          f"{', '.join(sorted((*METHODS, 'lora')))}")
     for section, cls in (("sampler", SamplerConfig), ("mask", MethodConfig)):
         unknown = set(run.get(section) or {}) - {f.name for f in fields(cls)} - LOADER_KEYS
         if unknown:
-            raise ValueError(f"sweep run {name!r}: unknown {section} setting(s) "
-                             f"{', '.join(sorted(unknown))}; see `bayestune sample --help`")
+            raise ConfigError(f"sweep run {name!r}: unknown {section} setting(s) "
+                              f"{', '.join(sorted(unknown))}; see `bayestune sample --help`")
 
 
 def grid_jobs(grid: Mapping[str, Any], tasks: Sequence[str],
@@ -74,8 +75,8 @@ def grid_jobs(grid: Mapping[str, Any], tasks: Sequence[str],
     runs = grid.get("runs") or []
     names = [run.get("name") for run in runs]
     if not runs or None in names or len(set(names)) != len(names):
-        raise ValueError("a sweep grid needs a non-empty list 'runs' of entries with unique "
-                         f"'name's; got names {names}")
+        raise ConfigError("a sweep grid needs a non-empty list 'runs' of entries with unique "
+                          f"'name's; got names {names}")
     for run in runs:
         _check_run(run)
     return [SweepJob(run["name"], run.get("method", "bayestune"), task, int(seed),

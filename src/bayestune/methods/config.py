@@ -9,6 +9,7 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
+from bayestune.errors import ConfigError
 from bayestune.methods.registry import BUDGETED, Ranking, get_spec
 
 Batches = Callable[[int], Iterable[dict]]
@@ -62,13 +63,13 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         if self.magnitude_steps < 2 or self.sam_steps < 2:
-            raise ValueError(f"magnitude_steps {self.magnitude_steps} and sam_steps "
-                             f"{self.sam_steps} count the ranking step too: give at least 2")
+            raise ConfigError(f"magnitude_steps {self.magnitude_steps} and sam_steps "
+                              f"{self.sam_steps} count the ranking step too: give at least 2")
         if self.lt_sft_steps < 1 or self.fisher_examples < 1:
-            raise ValueError(f"lt_sft_steps {self.lt_sft_steps} and fisher_examples "
-                             f"{self.fisher_examples} must be at least 1")
+            raise ConfigError(f"lt_sft_steps {self.lt_sft_steps} and fisher_examples "
+                              f"{self.fisher_examples} must be at least 1")
         if self.magnitude_warmup_epochs < 0 or self.grad_clip < 0:
-            raise ValueError("magnitude_warmup_epochs and grad_clip must be >= 0 (0 disables)")
+            raise ConfigError("magnitude_warmup_epochs and grad_clip must be >= 0 (0 disables)")
 
 
 RANKING_KEYS = ("per_tensor", "keep_head", "head_counts_toward_budget")

@@ -9,6 +9,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from bayestune.errors import ConfigError
+
 
 def mask_overlap(masks: Mapping[str, Mapping[str, Tensor]]) -> pd.DataFrame:
     """Jaccard overlap |A & B| / |A | B| of every pair of masks (rows, columns: their keys).
@@ -17,13 +19,13 @@ def mask_overlap(masks: Mapping[str, Mapping[str, Tensor]]) -> pd.DataFrame:
     """
     labels = list(masks)
     if not labels:
-        raise ValueError("mask_overlap needs at least one mask")
+        raise ConfigError("mask_overlap needs at least one mask")
     ref = {n: tuple(t.shape) for n, t in masks[labels[0]].items()}
     for label in labels[1:]:
         shapes = {n: tuple(t.shape) for n, t in masks[label].items()}
         if shapes != ref:
-            raise ValueError(f"masks {labels[0]!r} and {label!r} cover different tensors or "
-                             "shapes; compare masks made for the same model and task")
+            raise ConfigError(f"masks {labels[0]!r} and {label!r} cover different tensors or "
+                              "shapes; compare masks made for the same model and task")
     flat = {label: torch.cat([masks[label][n].reshape(-1).bool() for n in ref]) for label in labels}
     table = pd.DataFrame(1.0, index=labels, columns=labels)
     for a, b in itertools.combinations(labels, 2):

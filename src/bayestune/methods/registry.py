@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from bayestune.errors import ConfigError
+
 BUDGETED = "budgeted"  # one mask per budget, cut from one ranking (nested)
 FIXED = "fixed"  # one mask fixed by the architecture, whatever the budget
 UNMASKED = "unmasked"  # no mask file: every scalar, or an adapter
 
 
-class MethodError(ValueError):
+class MethodError(ConfigError):
     """An unknown method name, or settings a method cannot take."""
 
 

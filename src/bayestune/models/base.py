@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bayestune.errors import ConfigError
+
 HEAD_PREFIX = "head."
 
 
@@ -54,5 +56,5 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no GPU is visible; use --device cpu")
+        raise ConfigError("device cuda requested but no GPU is visible; use --device cpu")
     return device

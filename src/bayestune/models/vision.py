@@ -29,9 +29,11 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 from torch import nn
 
+from bayestune.errors import ConfigError
 from bayestune.models.base import TaskModel, TaskOutput
 
 # A randomly initialised encoder stands in for a pretrained one, so every stage (sample, mask,
@@ -40,7 +42,7 @@ ENCODER_INIT_SEED = 0
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ConfigError):
     """A vision model cannot be built as named: unknown name, bad option, weights unreachable."""
 
 
@@ -159,6 +161,10 @@ def create_encoder(spec: VisionModelSpec) -> nn.Module:
             f"local checkpoint: model '{spec.name}?checkpoint=/path/to/model.safetensors' (timm's "
             "pretrained_cfg_overlay=dict(file=...)), or fill the Hugging Face cache on a machine "
             "with internet and set HF_HUB_OFFLINE=1.") from err
+    except SafetensorError as err:  # its message names no file
+        where = spec.checkpoint or f"the Hugging Face cache of {spec.name!r}"
+        raise ModelLoadError(f"{where}: not a readable safetensors file ({err}); download "
+                             "the weights again") from err
 
 
 class VisionClassifier(TaskModel):

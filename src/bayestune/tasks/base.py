@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from bayestune.errors import DataError
 from bayestune.models.base import TaskModel, move_batch
 
 
-class TaskError(ValueError):
+class TaskError(DataError):
     """Bad task input: an unknown name, a missing or malformed split file, a bad label."""
 
 

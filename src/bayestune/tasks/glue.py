@@ -229,8 +229,14 @@ def read_split_file(task: str, path: Path) -> list[dict]:
         raise TaskError(f"{path}: split file missing; a GLUE data folder needs "
                         f"{task}/train.jsonl, val.jsonl and test.jsonl")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # decoded line by line, so a bad byte has a line number
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskError(f"{path}:{lineno}: not UTF-8 text (byte {err.start + 1} of the "
+                                f"line is {raw[err.start:err.start + 1]!r}); save the file as "
+                                "UTF-8") from err
             if not line.strip():
                 continue
             try:
