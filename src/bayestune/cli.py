@@ -11,12 +11,17 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from bayestune import __version__
 from bayestune.errors import BayesTuneError, ConfigError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from bayestune.sampler import SamplerConfig
 
 log = logging.getLogger("bayestune")
 Config = TypeVar("Config")
@@ -78,19 +83,43 @@ def _model_and_data(args: argparse.Namespace):
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from bayestune import files
     from bayestune.models.base import task_loss
     from bayestune.sampler import SamplerConfig, sample_scales, write_scale_file
+    from bayestune.scale_checks import weight_scale
 
     config = config_from_args(args, SamplerConfig)
     _, model, data = _model_and_data(args)
+    largest_weight = weight_scale(model)  # before sampling moves theta away from theta0
     result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
                            device=args.device, checkpoint_path=args.checkpoint,
                            progress=not args.quiet)
+    _check_scales(args, config, result.mean, largest_weight)
     write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id)
     if args.checkpoint is not None:
         # The scale file is the product; a finished run's checkpoint is only dead weight.
-        Path(args.checkpoint).unlink(missing_ok=True)
+        files.remove_output(args.checkpoint)
     log.info("wrote %s (%d samples averaged)", args.out, result.n_samples)
+
+
+def _check_scales(args: argparse.Namespace, config: SamplerConfig, scales: Mapping[str, Tensor],
+                  largest_weight: float) -> None:
+    """Fail the job on a degenerate chain, unless --allow-degenerate-scales."""
+    from bayestune.scale_checks import DegenerateScalesError, scale_problems
+
+    problems = scale_problems(scales, floor=config.lambda_floor, largest_weight=largest_weight,
+                              lr_lambda=config.lr_lambda)
+    if not problems:
+        return
+    run = f"stage 1 of {args.task}, seed {args.seed} ({args.out})"
+    if args.allow_degenerate_scales:
+        log.warning("%s: degenerate scales kept (--allow-degenerate-scales): %s", run,
+                    "; ".join(problems))
+        return
+    restart = (f"; delete the checkpoint {args.checkpoint} before rerunning with other settings"
+               if args.checkpoint is not None else "")
+    raise DegenerateScalesError(f"{run}: {'; '.join(problems)}{restart}. To keep these scales "
+                                "anyway, rerun with --allow-degenerate-scales")
 
 
 def cmd_mask(args: argparse.Namespace) -> None:
@@ -325,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="scale file to write (.safetensors)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="resumable state; an existing one is resumed from")
+    p.add_argument("--allow-degenerate-scales", action="store_true",
+                   help="write the scale file even when the scales are degenerate (NaN, far "
+                        "above any plausible size, or all equal), which otherwise fails the job")
     add_config_flags(p, SamplerConfig)
     p.set_defaults(func=cmd_sample)
 

@@ -8,14 +8,18 @@ Tensor files are safetensors; their run information is JSON stored under the met
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,12 +41,29 @@ class FileFormatError(DataError):
     """A file exists but is not what the caller expects (wrong kind, model or shapes)."""
 
 
+# A temporary is named .<target>.<host>-<pid>.<random>.tmp, so that a later writer of the same
+# target can tell a killed writer's leftover from a file another process is still writing: it is
+# dead when its process is gone (same host), or when nothing has written to it for this long
+# (another host's, or an older version's .<target>.<random>.tmp): a writer never pauses mid-file.
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def _writer() -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())}-{os.getpid()}"
+
+
 @contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    A process killed mid-write leaves its temporary behind (as large as the model for a sampler
+    checkpoint); the next writer of the same target removes it (:func:`remove_stale_temporaries`).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{_writer()}.", suffix=".tmp",
+                                    dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -50,6 +71,49 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: PathLike) -> list[Path]:
+    """Delete what killed writers of ``path`` left behind; return the files deleted.
+
+    Only :func:`atomic_output`'s temporaries of this very target are considered, and one that a
+    live process may still be writing is kept: the workflow runs one writer per target, but a
+    second command started by hand must not lose its file.
+    """
+    target = Path(path)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:(?P<writer>\w+-\d+)\.)?\w+\.tmp")
+    removed = []
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        found = pattern.fullmatch(candidate.name)
+        if found and _temporary_is_dead(candidate, found["writer"]):
+            with suppress(OSError):  # gone already, or not ours to delete
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
+def _temporary_is_dead(path: Path, writer: str | None) -> bool:
+    me = _writer()
+    if writer == me:
+        return False
+    host, _, pid = (writer or "").rpartition("-")
+    if writer is not None and host == me.rpartition("-")[0]:
+        try:
+            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # it exists, run by another user
+            pass
+    try:
+        return time.time() - path.stat().st_mtime > STALE_TEMPORARY_SECONDS
+    except FileNotFoundError:  # its writer has just renamed or removed it
+        return False
+
+
+def remove_output(path: PathLike) -> None:
+    """Delete ``path`` and the temporaries that killed writers of it left behind."""
+    Path(path).unlink(missing_ok=True)
+    remove_stale_temporaries(path)
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], kind: str, meta: dict) -> None:
