@@ -124,7 +124,8 @@ def _check_scales(args: argparse.Namespace, config: SamplerConfig, scales: Mappi
 
 def cmd_mask(args: argparse.Namespace) -> None:
     from bayestune import files
-    from bayestune.masks import START_FILE_NAME, mask_file_name, mask_metadata
+    from bayestune.file_origin import check_made_for
+    from bayestune.masks import START_FILE_NAME, check_selects_some, mask_file_name, mask_metadata
     from bayestune.methods import (
         MethodConfig,
         method_settings,
@@ -141,14 +142,17 @@ def cmd_mask(args: argparse.Namespace) -> None:
     shapes = {name: p.shape for name, p in model.named_parameters()}
     scores = None
     if args.scores is not None:
-        scores, _ = files.load_scores(args.scores)
+        scores, score_meta = files.load_scores(args.scores)
         files.check_matches_model(scores, shapes, args.scores, "score")
+        check_made_for(score_meta, args.scores, "score", model=model.model_id)
     batches = None
     if args.data is not None:
         batches = load_task_data(args.task, args.data, args.batch_size, args.seed,
                                  args.eval_batch_size).train_epoch
     masks = select_masks(args.method, model, batches, task_loss, args.budgets, args.seed, config,
                          scores=scores)
+    for budget, mask in masks.items():  # here, not when fine-tuning finds nothing to train
+        check_selects_some(mask, budget, per_tensor=config.per_tensor)
     options = ranking_options(args.method, config)
     run = {"task": args.task, "seed": args.seed, "model": model.model_id}
     out_dir = Path(args.out_dir)
@@ -199,28 +203,36 @@ def _published_as(method: str, mask_meta: dict | None, lora_preset: str | None) 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from bayestune import convergence, files
     from bayestune.delta import make_delta
+    from bayestune.file_origin import check_made_for
     from bayestune.finetune import FinetuneConfig, finetune
     from bayestune.masks import mask_fraction
 
+    if args.mask is not None and args.method is not None:
+        raise ConfigError(f"--mask and --method {args.method} both given: a mask run trains the "
+                          f"mask's scalars, {args.method} is another method; drop one of them")
     config = config_from_args(args, FinetuneConfig)
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask, mask_meta, method, budget = None, None, args.method, args.method
+    mask, mask_meta, method = None, None, args.method or "full"
+    budget = method
     if args.mask is not None:
         mask, mask_meta = files.load_mask(args.mask)
         files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
+        check_made_for(mask_meta, args.mask, "mask", task=args.task, model=model.model_id)
         method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
         if mask_meta.get("start") and args.start is None:
             raise ConfigError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
                               "goes on from those weights; pass --start with the start file its "
                               "mask job wrote (mask --start-out)")
     moved = _load_start(args.start, model, args) if args.start is not None else None
-    trained, lora_preset = model, None
-    if args.method == "lora" and mask is None:
+    settings = {**dataclasses.asdict(config), "batch_size": args.batch_size,
+                "eval_batch_size": args.eval_batch_size}
+    trained, lora, lora_preset = model, None, None
+    if method == "lora":
         from bayestune.methods import LoraSettings, merge_lora, wrap_lora
 
-        settings = config_from_args(args, LoraSettings, prefix="lora_")
-        trained, lora_preset = wrap_lora(model, settings), settings.effective_preset()
+        lora = config_from_args(args, LoraSettings, prefix="lora_")
+        trained, lora_preset = wrap_lora(model, lora), lora.effective_preset()
     result = finetune(trained, data, spec, config, mask=mask, seed=args.seed, device=args.device,
                       progress=not args.quiet)
     if trained is not model:
@@ -250,6 +262,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "wall_seconds": result.wall_seconds, "bayestune_version": __version__,
         "history": convergence.history_records(result.history),
         "stop_reason": convergence.stop_reason(result.history, result.best_step, config.patience),
+        "finetune": settings, **({"lora": dataclasses.asdict(lora)} if lora else {}),
     })
     log.info("%s %s: test %s = %.4f", args.task, method, spec.metric_name, result.test_score)
 
@@ -257,11 +270,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_apply_delta(args: argparse.Namespace) -> None:
     from bayestune import files
     from bayestune.delta import apply_delta
+    from bayestune.file_origin import check_made_for, recorded_seed
     from bayestune.tasks import build_task_model
 
-    model = build_task_model(args.task, args.model, args.seed)
     delta, meta = files.load_delta(args.delta)
-    apply_delta(model, delta)
+    # The delta holds only the scalars that changed: a frozen head must be rebuilt from the
+    # run's own seed, or the model silently gets another head.
+    model = build_task_model(args.task, args.model, recorded_seed(meta, args.delta, args.seed))
+    check_made_for(meta, args.delta, "delta", task=args.task, model=model.model_id)
+    apply_delta(model, delta, source=str(args.delta))
     files.save_model_state(args.out, model.state_dict(), {**meta, "delta": str(args.delta)})
 
 
@@ -312,12 +329,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 # --- parser ---------------------------------------------------------------------------------
-def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, *, data: bool = True, seed_default: int | None = 0,
+            seed_help: str = "seed of the head and data order") -> None:
     parser.add_argument("--task", required=True, help="task name, e.g. cola or vtab-cifar")
     parser.add_argument("--model", required=True,
                         help="Hugging Face name or local path (roberta-base, all-MiniLM-L6-v2) "
                              "or timm model name")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the head and data order")
+    parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
     if data:
         parser.add_argument("--data", type=Path, help="prepared task folder (bayestune prepare)")
         parser.add_argument("--batch-size", type=int, default=16)
@@ -375,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="stage 2: fine-tune the masked scalars only")
     _common(p)
     p.add_argument("--mask", type=Path, default=None, help="mask file; omit for --method")
-    p.add_argument("--method", default="full", choices=["full", "lora"],
-                   help="without --mask: full fine-tuning or LoRA")
+    p.add_argument("--method", default=None, choices=["full", "lora"],
+                   help="without --mask: full fine-tuning (the default) or LoRA")
     p.add_argument("--start", type=Path, default=None,
                    help="weights to start from instead of theta0 (the start file `mask` writes for "
                         "magnitude); the delta stays against theta0")
@@ -386,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("apply-delta", help="base model + sparse delta -> fine-tuned weights")
-    _common(p, data=False)
+    _common(p, data=False, seed_default=None,
+            seed_help="seed of the run that wrote the delta (default: the one it records; "
+                      "needed only for deltas that record none)")
     p.add_argument("--delta", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="state dict to write (.safetensors)")
     p.set_defaults(func=cmd_apply_delta)
