@@ -30,6 +30,7 @@ from bayestune.models.vision import ModelLoadError, build_vision_model
 from bayestune.prior import LaplaceGammaPrior
 from bayestune.sampler import SamplerConfig, SamplerConfigError, SamplingDivergedError
 from bayestune.scale_checks import DegenerateScalesError
+from bayestune.tasks import build_task_model
 from bayestune.tasks.base import TaskError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,16 +59,21 @@ def test_bad_budget_shows_the_budget_check_message(budget, tmp_path, capsys):
 
 
 def test_budget_that_selects_nothing_fails_at_mask_time(tmp_path, tiny_model_dir, capsys):  # noqa: F811
-    command = ["-q", "mask", "--method", "random", "--task", "rte", "--model", tiny_model_dir,
-               "--out-dir", str(tmp_path)]
+    model = build_task_model("rte", tiny_model_dir, 0)
+    scales = tmp_path / "scales.safetensors"
+    files.save_scales(scales, {n: torch.rand(p.shape) for n, p in model.named_parameters()},
+                      {"model_id": model.model_id})
+    out = tmp_path / "masks"
+    command = ["-q", "mask", "--method", "bayestune", "--scores", str(scales), "--task", "rte",
+               "--model", tiny_model_dir, "--out-dir", str(out)]
     assert main([*command, "--budgets", "1e-7,0.01"]) == 2
     assert "budget 1e-07 selects no scalar of the model's" in error_line(capsys)
-    assert not list(tmp_path.iterdir())
+    assert not out.exists()
     assert main([*command, "--budgets", "1e-6", "--per-tensor"]) == 2
     assert "selects no scalar in any tensor" in error_line(capsys)
     # A kept head is something to train whatever the budget.
     assert main([*command, "--budgets", "1e-7", "--keep-head"]) == 0
-    mask, _ = files.load_mask(tmp_path / "p1e-07.safetensors")
+    mask, _ = files.load_mask(out / "p1e-07.safetensors")
     assert mask["head.out_proj.weight"].all()
 
 
@@ -124,9 +130,13 @@ def test_corrupted_vision_checkpoint_is_named(tmp_path):
 
 # --- which errors become one line ----------------------------------------------------------------
 def test_every_project_error_shares_the_base_and_keeps_its_builtin_one():
+    from bayestune.devices import NoFreeGpuSlot
     from bayestune.files import FileFormatError
+    from bayestune.methods.registry import MethodError
+    from bayestune.plan import PlanError
 
-    kept = {FileFormatError: ValueError, TaskError: ValueError, SamplerConfigError: ValueError,
+    kept = {MethodError: ValueError, PlanError: ValueError, NoFreeGpuSlot: RuntimeError,
+            FileFormatError: ValueError, TaskError: ValueError, SamplerConfigError: ValueError,
             SamplingDivergedError: RuntimeError, ModelNotFoundError: FileNotFoundError,
             ModelLoadError: ValueError, DegenerateScalesError: RuntimeError,
             errors.ConfigError: ValueError, errors.DataError: ValueError,
