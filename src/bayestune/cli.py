@@ -58,18 +58,28 @@ def parse_budgets(text: str) -> list[float]:
 
 
 # --- subcommands ----------------------------------------------------------------------------
+def declared_tasks(args: argparse.Namespace) -> dict:
+    """The tasks of ``--task-file`` (none without one), by name."""
+    from bayestune.tasks.custom import read_task_file
+
+    return read_task_file(args.task_file) if args.task_file is not None else {}
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from bayestune.tasks import prepare_task
 
-    prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length)
+    prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length,
+                 custom_tasks=declared_tasks(args))
 
 
 def _model_and_data(args: argparse.Namespace):
     from bayestune.tasks import build_task_model, get_task, load_task_data
 
-    spec = get_task(args.task)
-    model = build_task_model(args.task, args.model, args.seed)
-    data = load_task_data(args.task, args.data, args.batch_size, args.seed, args.eval_batch_size)
+    declared = declared_tasks(args)
+    spec = get_task(args.task, declared)
+    model = build_task_model(args.task, args.model, args.seed, declared)
+    data = load_task_data(args.task, args.data, args.batch_size, args.seed, args.eval_batch_size,
+                          declared)
     return spec, model, data
 
 
@@ -103,7 +113,8 @@ def cmd_mask(args: argparse.Namespace) -> None:
     from bayestune.tasks import build_task_model, load_task_data
 
     config = config_from_args(args, MethodConfig)
-    model = build_task_model(args.task, args.model, args.seed)
+    declared = declared_tasks(args)
+    model = build_task_model(args.task, args.model, args.seed, declared)
     model.to(resolve_device(args.device))  # the gradient methods' passes run where it sits
     shapes = {name: p.shape for name, p in model.named_parameters()}
     scores = None
@@ -113,7 +124,7 @@ def cmd_mask(args: argparse.Namespace) -> None:
     batches = None
     if args.data is not None:
         batches = load_task_data(args.task, args.data, args.batch_size, args.seed,
-                                 args.eval_batch_size).train_epoch
+                                 args.eval_batch_size, declared).train_epoch
     masks = select_masks(args.method, model, batches, task_loss, args.budgets, args.seed, config,
                          scores=scores)
     options = ranking_options(args.method, config)
@@ -226,7 +237,7 @@ def cmd_apply_delta(args: argparse.Namespace) -> None:
     from bayestune.delta import apply_delta
     from bayestune.tasks import build_task_model
 
-    model = build_task_model(args.task, args.model, args.seed)
+    model = build_task_model(args.task, args.model, args.seed, declared_tasks(args))
     delta, meta = files.load_delta(args.delta)
     apply_delta(model, delta)
     files.save_model_state(args.out, model.state_dict(), {**meta, "delta": str(args.delta)})
@@ -279,8 +290,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 # --- parser ---------------------------------------------------------------------------------
+def _task_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True,
+                        help="task name: built in (cola, vtab-cifar, ...) or declared in "
+                             "--task-file")
+    parser.add_argument("--task-file", type=Path, default=None,
+                        help="YAML with a top-level custom_tasks: mapping that declares tasks "
+                             "(a run config that declares them will do)")
+
+
 def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
-    parser.add_argument("--task", required=True, help="task name, e.g. cola or vtab-cifar")
+    _task_flags(parser)
     parser.add_argument("--model", required=True,
                         help="Hugging Face name or local path (roberta-base, all-MiniLM-L6-v2) "
                              "or timm model name")
@@ -308,11 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read, check and tokenise a task's splits")
-    p.add_argument("--task", required=True)
+    _task_flags(p)
     p.add_argument("--model", required=True, help="model whose tokenizer/preprocessing to use")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="local task data (default: $BAYESTUNE_GLUE_DIR / $BAYESTUNE_VTAB_DIR)")
+                   help="local data of a built-in task (default: $BAYESTUNE_GLUE_DIR / "
+                        "$BAYESTUNE_VTAB_DIR); a declared task names its own")
     p.add_argument("--max-length", type=int, default=128)
     p.set_defaults(func=cmd_prepare)
 
