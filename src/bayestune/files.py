@@ -52,7 +52,7 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], kind: str, meta: dict) -> None:
-    info = {"kind": kind, "bayestune_version": __version__, **meta}
+    info = {**meta, "kind": kind, "bayestune_version": __version__}  # the writer says what it is
     plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_output(path) as tmp:
         save_file(plain, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})

@@ -13,8 +13,10 @@ A declaration names the data and how to read it::
 Optional keys: ``kind`` (``text`` or ``image``; by default a task with ``text_fields`` is a
 text task and one without is an image task), ``subset`` (a Hub dataset's configuration, e.g.
 ``rte`` of ``nyu-mll/glue``) and ``splits`` (where ``train``, ``val`` and ``test`` are found
-when not under those names: a file stem or folder in a data folder, a split name on the Hub).
-Without a val split, a seeded 90/10 cut of train is the val split.
+when not under those names: a file stem or folder in a data folder, a split name on the Hub;
+the defaults are train/val/test in a folder and train/validation/test on the Hub). Without a
+val split (or when its default name is taken, as by ``test: validation``), a seeded 90/10 cut
+of train is the val split, as the paper's tasks have.
 
 Labels are compared as text: ``0``, ``"0"`` and ``0.0`` are the same label, and booleans read
 as ``true`` / ``false``, so a CSV's ``"0"`` matches ``labels: [0, 1]`` and a JSON ``0``
@@ -96,8 +98,18 @@ class CustomTask:
         """Outputs of the head: 1 for regression, else the number of declared labels."""
         return 1 if self.regression else len(self.labels or ())
 
-    def split_name(self, split: str, hub: bool = False) -> str:
-        return self.splits.get(split) or (HUB_SPLITS if hub else FOLDER_SPLITS)[split]
+    def split_name(self, split: str, hub: bool = False) -> str | None:
+        """Where ``split`` is read from; None for a val split to cut from train (no ``val``
+        in ``splits:`` and the default name already taken, e.g. ``test: validation``)."""
+        if split in self.splits:
+            return self.splits[split]
+        name = (HUB_SPLITS if hub else FOLDER_SPLITS)[split]
+        if split == "val" and name in {self.split_name("train", hub), self.split_name("test", hub)}:
+            return None
+        return name
+
+    def val_is_optional(self) -> bool:
+        return "val" not in self.splits
 
     def declaration(self) -> dict[str, Any]:
         """The declaration in JSON types: part of a prepared cache's key, recorded with it."""

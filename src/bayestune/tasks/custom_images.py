@@ -80,9 +80,11 @@ def _split_items(task: CustomTask, folder: Path, kind: str, split: str,
                  classes: tuple[str, ...]) -> Items | None:
     """The split's images, or None for a val split that is not there (cut from train)."""
     name = task.split_name(split)
+    if name is None:
+        return None
     where = folder / name if kind == "folders" else folder / f"{name}.txt"
     if not where.exists():
-        if split == "val" and "val" not in task.splits:
+        if split == "val" and task.val_is_optional():
             return None
         raise TaskError(f"{where}: missing {split} split of task {task.name!r}")
     items = (_folder_items(where, classes) if kind == "folders"

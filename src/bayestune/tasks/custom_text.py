@@ -1,6 +1,8 @@
 """Declared text tasks (``custom_tasks`` with ``text_fields``): source, rows, token cache.
 
-The data is a folder when one exists at ``data``, else a Hugging Face dataset of that name.
+The data is a folder of split files (``train.csv``, ...) when ``data`` names one; anything
+else, a Hub name or a folder in a dataset repository's layout, is read by
+``datasets.load_dataset(data, subset)``.
 Each row gives one or two texts and a label; the label is a class of ``labels`` (compared as
 text, see :func:`bayestune.tasks.custom.label_text`) or, for ``regression: true``, a number.
 The token cache's key holds the declaration, the source and a hash of the raw data, so an edit
@@ -44,8 +46,8 @@ def _folder_source(task: CustomTask, folder: Path) -> TextSource:
     paths: dict[str, Path | None] = {}
     for split in SPLITS:
         stem = task.split_name(split)
-        paths[split] = tables.find_split_file(folder, stem)
-        optional = split == "val" and "val" not in task.splits
+        paths[split] = None if stem is None else tables.find_split_file(folder, stem)
+        optional = split == "val" and task.val_is_optional()
         if paths[split] is None and not optional:
             raise TaskError(f"{folder}: no {split} split; expected {stem} with one of "
                             f"{', '.join(tables.SUFFIXES)} (task {task.name!r}; name other "
@@ -56,10 +58,17 @@ def _folder_source(task: CustomTask, folder: Path) -> TextSource:
     return TextSource(str(folder.resolve()), hash_files(found), rows)
 
 
-def _hub_source(task: CustomTask) -> TextSource:
+def _hub_source(task: CustomTask, folder: Path | None) -> TextSource:
+    """Every split through ``datasets.load_dataset(data, subset)``: a Hub name, or a local
+    folder ``datasets`` reads (a downloaded Hub repository, with its card and Parquet files)."""
     try:
         loaded = tables.load_hub_splits(task.data, task.subset)
     except Exception as err:  # offline, unknown name, wrong subset: all end here
+        if folder is not None:
+            raise TaskError(
+                f"custom task {task.name!r}: folder {folder} holds no {task.split_name('train')} "
+                f"file ({', '.join(tables.SUFFIXES)}) and `datasets` cannot read it as a "
+                f"dataset either ({err}); name the split files with splits:") from err
         raise TaskError(
             f"custom task {task.name!r}: data {task.data!r} is not a folder (looked in "
             f"{Path.cwd()}) and cannot be loaded as a Hugging Face dataset ({err}); give an "
@@ -69,29 +78,34 @@ def _hub_source(task: CustomTask) -> TextSource:
     for split in SPLITS:
         name = task.split_name(split, hub=True)
         if name not in loaded:
-            if split == "val" and "val" not in task.splits:
+            if split == "val" and task.val_is_optional():
                 rows[split] = None
                 continue
-            raise TaskError(f"custom task {task.name!r}: Hub dataset {task.data!r} has no split "
+            raise TaskError(f"custom task {task.name!r}: dataset {task.data!r} has no split "
                             f"{name!r} (it has {', '.join(loaded)}); map {split} to one of "
                             "them with splits:")
         dataset = loaded[name]
         rows[split] = (f"hub {task.data} {name}",
                        tables.hub_rows(task.data, name, dataset, task.label_field))
         fingerprints.append(f"{name}:{getattr(dataset, '_fingerprint', '')}")
-    source = "hub:" + task.data + (f"/{task.subset}" if task.subset else "")
+    origin = str(folder.resolve()) if folder is not None else task.data
+    source = "hub:" + origin + (f"/{task.subset}" if task.subset else "")
     return TextSource(source, "/".join(fingerprints), rows)
 
 
 def open_source(task: CustomTask) -> TextSource:
+    """A folder of split files; else whatever ``datasets.load_dataset`` reads at ``data``."""
     folder = Path(task.data).expanduser()
     if folder.is_dir():
-        return _folder_source(task, folder)
+        has_files = tables.find_split_file(folder, task.split_name("train")) is not None
+        if has_files and task.subset is None:
+            return _folder_source(task, folder)
+        return _hub_source(task, folder)
     # A Hub name is NAME or OWNER/NAME; anything else that names no folder is a missing one.
     if task.data.startswith((".", "/", "~")) or task.data.count("/") > 1:
         raise TaskError(f"custom task {task.name!r}: data folder {folder} does not exist "
                         f"(relative paths are read from {Path.cwd()})")
-    return _hub_source(task)
+    return _hub_source(task, None)
 
 
 # --- rows -> examples -------------------------------------------------------------------------
