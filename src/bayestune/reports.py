@@ -179,8 +179,8 @@ def published_rows(model: str, tasks: Sequence[str] = GLUE_TASKS,
     ``avg`` is the published AVG when ``tasks`` are all seven, else the mean over ``tasks``,
     so that it compares with the average of a run that covers only those tasks.
     """
-    if not is_published_model(model):
-        return pd.DataFrame()
+    if not is_published_model(model) or not set(tasks) & set(GLUE_TASKS):
+        return pd.DataFrame()  # none of the seven (e.g. only declared tasks): nothing to compare
     wanted = [label for label in PUBLISHED_GLUE if label not in NOT_RUN] if labels is None \
         else list(labels)
     rows = []

@@ -12,15 +12,23 @@ All knowledge of the file layout lives here, so the rule files only wire files t
 
 {label} is p{budget} for mask methods (bitfit's fixed mask is filed under main_budget),
 `all` for full fine-tuning and `lora` for LoRA.
+
+Tasks declared under `custom_tasks` reach the command line as `--task-file <the config file>`;
+their declaration is a param of every rule that reads it, so an edit reruns those jobs.
 """
 
 import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from bayestune.masks import mask_file_name
 from bayestune.methods.registry import BUDGETED as _BUDGETED, FIXED as _FIXED, REGISTRY
+from bayestune.tasks import check_task_names
+from bayestune.tasks.base import TaskError
+from bayestune.tasks.custom import parse_custom_tasks, read_task_file
+from bayestune.tasks.tables import find_split_file
 
 RES = config["results_dir"].rstrip("/")
 PREP = config["prepared_dir"].rstrip("/")
@@ -54,6 +62,14 @@ def _check_method_names():
 _check_method_names()
 
 MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
+
+# Every task must be known before any job starts: a typo fails here, not job by job.
+CUSTOM_TASKS = parse_custom_tasks(config.get("custom_tasks"), where="config custom_tasks")
+check_task_names(TASKS, CUSTOM_TASKS)
+if BENCH == "vtab" and any(t in CUSTOM_TASKS for t in TASKS):
+    raise ValueError("declared tasks need benchmark: glue (a table with one column per task); "
+                     "benchmark vtab averages VTAB-1k's groups, which they are not part of")
+
 # Locally `gpu` limits nothing unless --resources gpu=N; on SLURM gpu=1 becomes --gpus=1.
 GPU = 0 if config["device"] == "cpu" else 1
 # Snakemake counts GPUs but assigns none: a GPU job locks a free slot file here when it starts
@@ -121,11 +137,63 @@ def gpu_slot_flags(uses_gpu=True):
     return f"--gpu-slots {shlex.quote(GPU_SLOTS)} --jobs-per-gpu {config['jobs_per_gpu']}"
 
 
-def data_dir_flag():
-    """--data-dir from the environment or the config; none lets the CLI use the hub."""
+def _builtin_data_dir():
     env, key = ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
-    path = os.environ.get(env) or config.get(key)
-    return f"--data-dir {shlex.quote(str(path))}" if path else ""
+    return os.environ.get(env) or config.get(key)
+
+
+def data_dir_flag(task=None):
+    """--data-dir from the environment or the config; none lets the CLI use the hub. A
+    declared task names its own data."""
+    path = _builtin_data_dir()
+    return f"--data-dir {shlex.quote(str(path))}" if path and task not in CUSTOM_TASKS else ""
+
+
+def _find_task_file():
+    """The config file that declares the run's custom tasks, as the command line reads it."""
+    used = [t for t in TASKS if t in CUSTOM_TASKS]
+    if not used:
+        return None
+    for path in reversed([os.path.abspath(f) for f in workflow.configfiles]):
+        try:
+            declared = read_task_file(path)
+        except TaskError:
+            continue
+        if all(declared.get(t) == CUSTOM_TASKS[t] for t in used):
+            return path
+    raise ValueError(
+        f"custom tasks {', '.join(used)} must be declared whole in one config file (the jobs "
+        "read them from it with --task-file); move them out of --config into a --configfile")
+
+
+TASK_FILE = _find_task_file()
+
+
+def task_file_flag(task):
+    return f"--task-file {shlex.quote(TASK_FILE)}" if task in CUSTOM_TASKS else ""
+
+
+def task_declaration(task):
+    """A declared task's content (a rule param: an edit reruns the rule); '' if built in."""
+    return CUSTOM_TASKS[task].fingerprint() if task in CUSTOM_TASKS else ""
+
+
+def prepare_inputs(wildcards):
+    """The split files of a local text source, so that editing one reruns prepare."""
+    task = wildcards.task
+    if task in CUSTOM_TASKS:
+        declared = CUSTOM_TASKS[task]
+        folder = Path(declared.data).expanduser()
+        if declared.kind != "text" or not folder.is_dir():
+            return []
+        stems = [declared.split_name(s) for s in ("train", "val", "test")]
+        found = [find_split_file(folder, stem) for stem in stems if stem is not None]
+        return [str(p) for p in found if p is not None]
+    folder = _builtin_data_dir()
+    if BENCH == "vtab" or not folder or str(folder) == "hub":
+        return []
+    found = [Path(folder) / task / f"{s}.jsonl" for s in ("train", "val", "test")]
+    return [str(p) for p in found if p.is_file()]
 
 
 # --- paths ------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 
 rule prepare:
+    input:
+        prepare_inputs,
     output:
         directory(f"{PREP}/{{task}}"),
     log:
@@ -10,7 +12,9 @@ rule prepare:
         cli=BAYESTUNE,
         model=config["model"],
         max_length=config["max_length"],
-        source=data_dir_flag(),
+        source=lambda wc: data_dir_flag(wc.task),
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: res("prepare", "threads")
     resources:
         mem_mb=res("prepare", "mem_mb"),
@@ -18,4 +22,4 @@ rule prepare:
     shell:
         "OMP_NUM_THREADS={threads} {params.cli} prepare --task {wildcards.task}"
         " --model {params.model:q} --out-dir {output} --max-length {params.max_length}"
-        " {params.source} > {log} 2>&1"
+        " {params.source} {params.task_file} > {log} 2>&1"

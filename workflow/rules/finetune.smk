@@ -18,6 +18,8 @@ rule finetune:
         out_dir=lambda wc: run_dir(wc.method, wc.task, wc.label, wc.seed),
         source=finetune_source,
         flags=finetune_flags,
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: res("finetune", "threads")
     resources:
         gpu=GPU,
@@ -27,4 +29,5 @@ rule finetune:
         "OMP_NUM_THREADS={threads} {params.cli} finetune --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed}"
         " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots} {params.source} {params.flags}"
+        " {params.task_file}"
         " > {log} 2>&1"

@@ -21,6 +21,8 @@ rule mask:
         out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
         inputs=mask_options,
         flags=mask_flags,
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: res("mask", "threads")
     resources:
         gpu=lambda wc: GPU if wc.method in GRADIENT else 0,
@@ -30,7 +32,7 @@ rule mask:
         "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
         " --budgets {params.budgets} --out-dir {params.out_dir} --device {params.device}"
-        " {params.gpu_slots} {params.inputs} {params.flags} > {log} 2>&1"
+        " {params.gpu_slots} {params.inputs} {params.flags} {params.task_file} > {log} 2>&1"
 
 
 rule mask_fixed:
@@ -46,6 +48,8 @@ rule mask_fixed:
         budgets=budgets_flag([MAIN_BUDGET]),
         out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
         flags=mask_flags,
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: 1
     resources:
         mem_mb=res("mask", "mem_mb"),
@@ -53,7 +57,8 @@ rule mask_fixed:
     shell:
         "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
-        " --budgets {params.budgets} --out-dir {params.out_dir} {params.flags} > {log} 2>&1"
+        " --budgets {params.budgets} --out-dir {params.out_dir} {params.flags}"
+        " {params.task_file} > {log} 2>&1"
 
 
 use rule mask as mask_started with:

@@ -17,6 +17,8 @@ rule sample:
         gpu_slots=gpu_slot_flags(),
         checkpoint=lambda wc: checkpoint_file(wc.task, wc.seed),
         flags=cli_flags(config["sampler"]),
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: res("sample", "threads")
     priority: 10  # the longest chain (sample -> mask -> finetune) starts first
     resources:
@@ -27,4 +29,5 @@ rule sample:
         "OMP_NUM_THREADS={threads} {params.cli} sample --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output}"
         " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots} {params.flags}"
+        " {params.task_file}"
         " > {log} 2>&1"
