@@ -10,8 +10,8 @@ A declaration names the data and how to read it::
         labels: ["0", "1"]          # class order; or  regression: true
         metric: accuracy
 
-Optional keys: ``kind`` (``text`` or ``image``; by default a task with ``text_fields`` is a
-text task and one without is an image task), ``subset`` (a Hub dataset's configuration, e.g.
+Optional keys: ``kind`` (``text`` or ``image``; by default a task with ``text_fields`` or
+another text-only key is a text task, any other an image task), ``subset`` (a Hub dataset's configuration, e.g.
 ``rte`` of ``nyu-mll/glue``) and ``splits`` (where ``train``, ``val`` and ``test`` are found
 when not under those names: a file stem or folder in a data folder, a split name on the Hub;
 the defaults are train/val/test in a folder and train/validation/test on the Hub). Without a
@@ -91,7 +91,7 @@ class CustomTask:
     labels: tuple[str, ...] | None = None
     regression: bool = False
     subset: str | None = None
-    splits: Mapping[str, str] = field(default_factory=dict)
+    splits: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def num_labels(self) -> int:
@@ -150,8 +150,8 @@ def _string(name: str, raw: Mapping[str, Any], key: str) -> str | None:
 
 def _kind(name: str, raw: Mapping[str, Any]) -> str:
     kind = raw.get("kind")
-    if kind is None:
-        return "text" if "text_fields" in raw else "image"
+    if kind is None:  # a text key says text, even when text_fields itself was forgotten
+        return "text" if any(k in raw for k in TEXT_ONLY_KEYS) else "image"
     if kind not in KINDS:
         raise _fail(name, f"kind {kind!r} is not one of {', '.join(KINDS)}")
     return kind
