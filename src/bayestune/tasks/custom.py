@@ -11,12 +11,13 @@ A declaration names the data and how to read it::
         metric: accuracy
 
 Optional keys: ``kind`` (``text`` or ``image``; by default a task with ``text_fields`` or
-another text-only key is a text task, any other an image task), ``subset`` (a Hub dataset's configuration, e.g.
-``rte`` of ``nyu-mll/glue``) and ``splits`` (where ``train``, ``val`` and ``test`` are found
-when not under those names: a file stem or folder in a data folder, a split name on the Hub;
-the defaults are train/val/test in a folder and train/validation/test on the Hub). Without a
-val split (or when its default name is taken, as by ``test: validation``), a seeded 90/10 cut
-of train is the val split, as the paper's tasks have.
+another text-only key is a text task, any other an image task), ``subset`` (a Hub dataset's
+configuration, e.g. ``rte`` of ``nyu-mll/glue``) and ``splits`` (where ``train``, ``val``
+and ``test`` are found when not under those names: a file stem or folder in a data folder,
+a split name on the Hub; the defaults are train/val/test in a folder and
+train/validation/test on the Hub). Without a val split (or when its default name is taken,
+as by ``test: validation``), a seeded 90/10 cut of train is the val split, as the paper's
+tasks have.
 
 Labels are compared as text: ``0``, ``"0"`` and ``0.0`` are the same label, and booleans read
 as ``true`` / ``false``, so a CSV's ``"0"`` matches ``labels: [0, 1]`` and a JSON ``0``
