@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -57,6 +58,14 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+def _provenance(args: argparse.Namespace, config: object) -> dict:
+    """The provenance record of this command's outputs: ``config`` is what it ran with."""
+    from bayestune.models.base import resolve_device
+    from bayestune.provenance import collect
+
+    return collect(args.command, config, resolve_device(args.device))
+
+
 # --- subcommands ----------------------------------------------------------------------------
 def cmd_prepare(args: argparse.Namespace) -> None:
     from bayestune.tasks import prepare_task
@@ -82,7 +91,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
                            device=args.device, checkpoint_path=args.checkpoint,
                            progress=not args.quiet)
-    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id)
+    run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
+    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
+                     provenance=run)
     if args.checkpoint is not None:
         # The scale file is the product; a finished run's checkpoint is only dead weight.
         Path(args.checkpoint).unlink(missing_ok=True)
@@ -100,16 +111,18 @@ def cmd_mask(args: argparse.Namespace) -> None:
         select_masks,
     )
     from bayestune.models.base import resolve_device, task_loss
+    from bayestune.provenance import upstream
     from bayestune.tasks import build_task_model, load_task_data
 
     config = config_from_args(args, MethodConfig)
     model = build_task_model(args.task, args.model, args.seed)
     model.to(resolve_device(args.device))  # the gradient methods' passes run where it sits
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    scores = None
+    scores, chain = None, {}
     if args.scores is not None:
-        scores, _ = files.load_scores(args.scores)
+        scores, scores_meta = files.load_scores(args.scores)
         files.check_matches_model(scores, shapes, args.scores, "score")
+        chain = upstream(scores_meta, "scales")
     batches = None
     if args.data is not None:
         batches = load_task_data(args.task, args.data, args.batch_size, args.seed,
@@ -118,16 +131,19 @@ def cmd_mask(args: argparse.Namespace) -> None:
                          scores=scores)
     options = ranking_options(args.method, config)
     run = {"task": args.task, "seed": args.seed, "model": model.model_id}
+    made_by = _provenance(args, {"method": args.method, "mask": config,
+                                 "batch_size": args.batch_size})
     out_dir = Path(args.out_dir)
     for budget, mask in masks.items():
         meta = mask_metadata(mask, budget, method=args.method, **options, **run,
                              published_as=published_label(args.method, options),
                              start=masks.start is not None, **method_settings(config))
-        files.save_mask(out_dir / mask_file_name(budget), mask, meta)
+        files.save_mask(out_dir / mask_file_name(budget), mask, {**meta, "upstream": chain},
+                        made_by)
     if masks.start is not None:
         files.save_model_state(args.start_out or out_dir / START_FILE_NAME, masks.start,
                                {"method": args.method, "start_of": "stage 2", **run,
-                                **method_settings(config)})
+                                **method_settings(config), "upstream": chain}, made_by)
 
 
 def _load_start(path: Path, model, args: argparse.Namespace) -> dict:
@@ -168,15 +184,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from bayestune.delta import make_delta
     from bayestune.finetune import FinetuneConfig, finetune
     from bayestune.masks import mask_fraction
+    from bayestune.provenance import upstream
 
     config = config_from_args(args, FinetuneConfig)
+    settings: dict = {"finetune": config, "batch_size": args.batch_size}
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask, mask_meta, method, budget = None, None, args.method, args.method
+    mask, mask_meta, method, budget, chain = None, None, args.method, args.method, {}
     if args.mask is not None:
         mask, mask_meta = files.load_mask(args.mask)
         files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
         method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
+        chain = upstream(mask_meta, "mask")
         if mask_meta.get("start") and args.start is None:
             raise ValueError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
                              "goes on from those weights; pass --start with the start file its "
@@ -186,17 +205,19 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.method == "lora" and mask is None:
         from bayestune.methods import LoraSettings, merge_lora, wrap_lora
 
-        settings = config_from_args(args, LoraSettings, prefix="lora_")
-        trained, lora_preset = wrap_lora(model, settings), settings.effective_preset()
+        settings["lora"] = config_from_args(args, LoraSettings, prefix="lora_")
+        trained = wrap_lora(model, settings["lora"])
+        lora_preset = settings["lora"].effective_preset()
     result = finetune(trained, data, spec, config, mask=mask, seed=args.seed, device=args.device,
                       progress=not args.quiet)
     if trained is not model:
         model = merge_lora(trained)
     out_dir = Path(args.out_dir)
     delta = make_delta(model.cpu(), theta0)
+    made_by = _provenance(args, {"method": method, **settings})
     files.save_delta(out_dir / "delta.safetensors", delta,
                      {"task": args.task, "model": model.model_id, "seed": args.seed,
-                      "method": method, "budget": budget})
+                      "method": method, "budget": budget, "upstream": chain}, made_by)
     # With a start, every scalar the start moved is trained as much as the masked ones: the
     # trainable fraction counts both, and the changed fraction says what differs from theta0.
     changed = sum(int((p.detach() != theta0[n].to(p.device)).sum())
@@ -217,7 +238,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "wall_seconds": result.wall_seconds, "bayestune_version": __version__,
         "history": convergence.history_records(result.history),
         "stop_reason": convergence.stop_reason(result.history, result.best_step, config.patience),
-    })
+        "upstream": chain,
+    }, provenance=made_by)
     log.info("%s %s: test %s = %.4f", args.task, method, spec.metric_name, result.test_score)
 
 
@@ -238,6 +260,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     scores = reports.collect_scores(args.metrics)
     reports.write_tables(scores, args.out_dir, args.benchmark, args.model,
                          reference=args.reference, main_budget=format(args.main_budget, "g"))
+    reports.write_provenance(args.metrics, args.out_dir, args.benchmark)
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -304,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="bayestune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bayestune {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # The workflow switches progress bars with the environment, not a flag: a flag in the
+    # rules' commands would rerun every job when config key `progress` changes.
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=os.environ.get("BAYESTUNE_QUIET", "") not in ("", "0"),
+                        help="no progress bars (default from $BAYESTUNE_QUIET)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read, check and tokenise a task's splits")

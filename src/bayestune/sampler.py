@@ -159,8 +159,9 @@ class ScaleResult:
 
 
 def write_scale_file(path: str | Path, result: ScaleResult, config: SamplerConfig, *,
-                     seed: int, model_id: str) -> None:
-    files.save_scales(path, result.mean, result.metadata(config, seed=seed, model_id=model_id))
+                     seed: int, model_id: str, provenance: dict | None = None) -> None:
+    files.save_scales(path, result.mean, result.metadata(config, seed=seed, model_id=model_id),
+                      provenance)
 
 
 # --- the sampler's state and its step --------------------------------------------------------
