@@ -316,8 +316,12 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         parser.add_argument("--gpu-slots", type=Path, default=None,
                             help="folder of GPU slot locks shared by a run's jobs: with several "
                                  "GPUs visible, auto and cuda take a free slot's GPU")
-        parser.add_argument("--jobs-per-gpu", type=int, default=1,
-                            help="with --gpu-slots: jobs that may share one GPU")
+        # From the environment too: the workflow sets it outside the rules' commands, so that
+        # changing it reruns nothing.
+        parser.add_argument("--jobs-per-gpu", type=int,
+                            default=int(os.environ.get("BAYESTUNE_JOBS_PER_GPU") or 1),
+                            help="with --gpu-slots: jobs that may share one GPU (default from "
+                                 "$BAYESTUNE_JOBS_PER_GPU, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
