@@ -182,6 +182,8 @@ def test_report_lists_provenance_and_is_quiet_when_runs_agree(tmp_path, caplog):
     markdown = (tmp_path / "glue_table.md").read_text()
     assert "## Provenance" in markdown and "aaaaaaaaaa" in markdown
     assert "Warning" not in markdown and not caplog.records
+    page = reports.write_table_html(tmp_path, "glue").read_text()
+    assert page.count("<table>") == 2 and "<h2>Provenance</h2>" in page
 
 
 def test_report_warns_when_a_table_mixes_commits_or_code(tmp_path, caplog):

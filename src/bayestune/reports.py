@@ -820,3 +820,21 @@ def write_provenance(metrics: Iterable[PathLike], out_dir: PathLike, benchmark: 
     with files.atomic_output(table) as tmp:
         tmp.write_text(text + _provenance_markdown(prov, problems))
     return path
+
+
+def write_table_html(out_dir: PathLike, benchmark: str) -> Path:
+    """``<benchmark>_table.html``: the Markdown table (scores, provenance, warnings) as HTML,
+    the form in which ``snakemake --report`` shows a table on its page (CSV files it only
+    offers as downloads)."""
+    from markdown_it import MarkdownIt
+
+    out_dir = Path(out_dir)
+    text = (out_dir / f"{benchmark}_table.md").read_text()
+    body = MarkdownIt("commonmark").enable("table").render(text)
+    style = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+             "th,td{border:1px solid #ccc;padding:2px 8px;text-align:right}")
+    path = out_dir / f"{benchmark}_table.html"
+    with files.atomic_output(path) as tmp:
+        tmp.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{style}"
+                       f"</style></head><body>{body}</body></html>\n")
+    return path

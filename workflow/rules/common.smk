@@ -303,7 +303,7 @@ def figure_options(wildcards, input):
 
 
 def table_files():
-    names = ("scores.csv", "table.csv", "table.md", "paired.csv")
+    names = ("scores.csv", "table.csv", "table.md", "table.html", "paired.csv")
     return [f"{RES}/{BENCH}_{name}" for name in names]
 
 

@@ -15,6 +15,8 @@ rule report:
         table=report(f"{RES}/{BENCH}_table.csv", caption="../report/table.rst",
                      category="Tables"),
         markdown=f"{RES}/{BENCH}_table.md",
+        html=report(f"{RES}/{BENCH}_table.html", caption="../report/table_page.rst",
+                    category="Tables"),
         paired=report(f"{RES}/{BENCH}_paired.csv", caption="../report/paired.rst",
                       category="Tables"),
         provenance=report(provenance_file(), caption="../report/provenance.rst",
