@@ -20,10 +20,12 @@ endif
 endif
 ifeq ($(BAYESTUNE_GLUE_DIR),)
 GLUE_SOURCE := --config glue_dir=hub
+HUB_CHECK := import urllib.request as r; r.urlopen('https://huggingface.co', timeout=15)
+OFFLINE_HELP := error: the Hugging Face Hub is unreachable (offline?). Set BAYESTUNE_GLUE_DIR \
+	to a folder laid out as <task>/{train,val,test}.jsonl, or connect and rerun.
 define check_glue_source
-	@echo "No local GLUE/SuperGLUE copy ($(LOCAL_GLUE) or \$$BAYESTUNE_GLUE_DIR): reading the tasks from the Hugging Face Hub."
-	@$(BIN)/python -c "import urllib.request as r; r.urlopen('https://huggingface.co', timeout=15)" 2>/dev/null \
-	|| { echo "error: the Hugging Face Hub is unreachable (offline?). Set BAYESTUNE_GLUE_DIR to a folder laid out as <task>/{train,val,test}.jsonl, or connect and rerun." >&2; exit 1; }
+	@echo "No GLUE/SuperGLUE copy at $(LOCAL_GLUE) or \$$BAYESTUNE_GLUE_DIR: using the Hub."
+	@$(BIN)/python -c "$(HUB_CHECK)" 2>/dev/null || { echo "$(OFFLINE_HELP)" >&2; exit 1; }
 endef
 endif
 
@@ -32,7 +34,8 @@ endif
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
-	@$(PYTHON) -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))" || { echo "error: $(LOCK) is for Python 3.11; run make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))" \
+	|| { echo "error: $(LOCK) is for Python 3.11: make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
@@ -77,8 +80,8 @@ cpu: install
 	$(check_glue_source)
 	$(BIN)/snakemake --cores all --configfile config/cpu.yaml $(GLUE_SOURCE)
 
-# Stage-1 settings for cpu.yaml, scored on the validation split only (about 3.5 h on 2 cores;
-# --device cuda --workers 12 on a GPU machine: about 7 min).
+# Stage-1 settings for cpu.yaml, scored on the validation split only (hours on 2 cores; minutes
+# with --device cuda --workers 12 on a GPU: README.md, "Results").
 sweep-cpu: install
 	$(check_glue_source)
 	$(BIN)/snakemake --cores all --configfile config/cpu.yaml $(GLUE_SOURCE) --until prepare
@@ -92,7 +95,8 @@ paper: install
 # make report (-> results/demo_report.html); make report CONFIG=config/cpu.yaml
 CONFIG ?= config/demo.yaml
 report: install
-	$(BIN)/snakemake --configfile $(CONFIG) --report results/$(notdir $(basename $(CONFIG)))_report.html
+	$(BIN)/snakemake --configfile $(CONFIG) \
+		--report results/$(notdir $(basename $(CONFIG)))_report.html
 
 bench: install
 	$(BIN)/bayestune bench --out results/bench/bench.json

@@ -177,7 +177,7 @@ def test_report_lists_provenance_and_is_quiet_when_runs_agree(tmp_path, caplog):
     reports.write_tables(reports.collect_scores(metrics), tmp_path, "glue")
     with caplog.at_level(logging.WARNING, logger="bayestune"):
         reports.write_provenance(metrics, tmp_path, "glue")
-    table = pd.read_csv(tmp_path / "provenance.csv")
+    table = pd.read_csv(tmp_path / "glue_provenance.csv")
     assert len(table) == 4 and set(table["stage"]) == {"finetune", "mask"}
     markdown = (tmp_path / "glue_table.md").read_text()
     assert "## Provenance" in markdown and "aaaaaaaaaa" in markdown

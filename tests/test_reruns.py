@@ -166,7 +166,7 @@ def test_finished_run_records_provenance(finished):
     _, delta_meta = files.load_delta(results / "finetune/bayestune/cb/p0.02/seed0/"
                                      "delta.safetensors")
     assert delta_meta["provenance"] == record
-    table = pd.read_csv(results / "provenance.csv")
+    table = pd.read_csv(results / "glue_provenance.csv")
     assert len(table) == 3 + 2 + 1  # three runs, bayestune's and random's masks, one scale file
     markdown = (results / "glue_table.md").read_text()
     assert "## Provenance" in markdown and "Warning" not in markdown

@@ -772,7 +772,7 @@ def provenance_problems(prov: pd.DataFrame) -> list[str]:
     if len(groups) > 1:
         commits = sorted({c[:10] for c in groups["git_commit"]})
         problems.append(f"{len(groups)} different commits or environments (commits "
-                        f"{', '.join(commits)}; see provenance.csv)")
+                        f"{', '.join(commits)}; see <benchmark>_provenance.csv)")
     for stage, rows in known.groupby("stage"):
         if rows["code_sha256"].nunique() > 1:
             problems.append(f"{rows['code_sha256'].nunique()} different versions of the "
@@ -802,9 +802,9 @@ def _provenance_markdown(prov: pd.DataFrame, problems: Sequence[str]) -> str:
 
 
 def write_provenance(metrics: Iterable[PathLike], out_dir: PathLike, benchmark: str) -> Path:
-    """Write ``provenance.csv`` (every run and stage) into ``out_dir`` and append a provenance
-    table, and a warning when the runs mix code or software, to ``<benchmark>_table.md``
-    (written first by :func:`write_tables`)."""
+    """Write ``<benchmark>_provenance.csv`` (every run and stage) into ``out_dir``; append a
+    provenance table, and a warning when the runs mix code or software, to
+    ``<benchmark>_table.md`` (written first by :func:`write_tables`)."""
     import logging
 
     out_dir = Path(out_dir)
@@ -812,7 +812,7 @@ def write_provenance(metrics: Iterable[PathLike], out_dir: PathLike, benchmark: 
     problems = provenance_problems(prov)
     for problem in problems:
         logging.getLogger("bayestune").warning("%s_table mixes runs: %s", benchmark, problem)
-    path = out_dir / "provenance.csv"
+    path = out_dir / f"{benchmark}_provenance.csv"
     with files.atomic_output(path) as tmp:
         prov.to_csv(tmp, index=False)
     table = out_dir / f"{benchmark}_table.md"

@@ -327,7 +327,7 @@ def convergence_figures():
 
 
 def provenance_file():
-    return f"{RES}/provenance.csv"
+    return f"{RES}/{BENCH}_provenance.csv"
 
 
 def all_targets():
