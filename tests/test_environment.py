@@ -134,3 +134,19 @@ def test_snakemake_lint_is_clean(config):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "in a good condition" in output, output[-4000:]
+
+
+def test_rules_name_the_environment_and_tables_run_locally():
+    """Read through Snakemake's own API (the private attributes of the pinned version)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(),
+                                config_settings=ConfigSettings(),
+                                snakefile=REPO / "workflow/Snakefile", workdir=REPO)._workflow
+        rules = {rule.name: rule for rule in workflow.rules}
+        assert set(workflow._localrules) == {"all", "report", "task_figures", "score_figure"}
+        for name, rule in rules.items():
+            if name != "all":
+                assert str(rule.conda_env) == "../envs/bayestune.yaml", name  # rules/ relative

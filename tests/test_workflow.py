@@ -249,8 +249,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
     metrics.mkdir(parents=True)
     (metrics / "metrics.json").write_text("{}")
     (metrics / "delta.safetensors").write_text("")
-    targets = ["results/tiny/glue_table.csv",                       # report: no GPU
-               "results/tiny/scales/cb/seed0.safetensors",          # sample: GPU
+    targets = ["results/tiny/scales/cb/seed0.safetensors",          # sample: GPU
                "results/tiny/finetune/full/cb/all/seed1/metrics.json",  # finetune: GPU
                "results/tiny/masks/fisher/cb/seed0/p0.005.safetensors",  # gradient mask: GPU
                "results/tiny/masks/random/cb/seed0/p0.005.safetensors"]  # random mask: no GPU
@@ -262,7 +261,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
         text=True, start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
-        if sum(line.startswith("sbatch") for line in calls.read_text().splitlines()) >= 5:
+        if sum(line.startswith("sbatch") for line in calls.read_text().splitlines()) >= 4:
             break
         time.sleep(0.5)
     if proc.poll() is None:  # the fake jobs never finish: stop Snakemake once all are submitted
@@ -273,7 +272,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
         os.killpg(proc.pid, signal.SIGKILL)
         output = proc.communicate()[0]
     sbatch = [line for line in calls.read_text().splitlines() if line.startswith("sbatch")]
-    assert len(sbatch) == 5, output[-4000:]
+    assert len(sbatch) == 4, output[-4000:]
     by_rule = {}
     for line in sbatch:
         comment = re.search(r"--comment '?rule_([a-z_]+?)(?:_wildcards_(\S+?))?'?\s", line)
@@ -286,8 +285,8 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
         assert ("--gpus=1" in line) == wants_gpu, line
         assert "--gres" not in line
         # a rule's threads become its CPUs, whatever the machine that submits has
-        assert f"--cpus-per-task={4 if rule != 'report' else 1}" in line or "bitfit" in line, line
-    assert {rule for rule, _ in by_rule} == {"report", "sample", "finetune", "mask"}
+        assert "--cpus-per-task=4" in line or "bitfit" in line, line
+    assert {rule for rule, _ in by_rule} == {"sample", "finetune", "mask"}
 
 
 # --- end to end through DVC ----------------------------------------------------------------------
