@@ -29,9 +29,11 @@ from bayestune import files, provenance
 
 pytestmark = pytest.mark.slow
 
+# The tables and every figure: one task, so one job each.
+REPORTING = {"report": 1, "task_figures": 1, "score_figure": 1, "val_curves": 1,
+             "paired_figure": 1, "all": 1}
 # Everything built from the task's data: the random mask reads no data, so it stays.
-FROM_DATA = {"prepare": 1, "sample": 1, "mask": 1, "finetune": 3, "report": 1,
-             "task_figures": 1, "score_figure": 1, "all": 1}
+FROM_DATA = {"prepare": 1, "sample": 1, "mask": 1, "finetune": 3, **REPORTING}
 
 
 def tiny_config(run: Path, glue_dir: str, **changes) -> Path:
@@ -94,15 +96,14 @@ def test_editing_the_sampler_reruns_stage_one_and_what_follows_only(finished):
     with edited(run / "src/bayestune/sampler.py"):
         counts = planned(run, config)
     # bayestune's mask and run; the random mask, the random and full runs and prepare stay.
-    assert counts == {"sample": 1, "mask": 1, "finetune": 1, "report": 1, "task_figures": 1,
-                      "score_figure": 1, "all": 1}
+    assert counts == {"sample": 1, "mask": 1, "finetune": 1, **REPORTING}
 
 
 def test_editing_the_reports_reruns_only_the_report_rules(finished):
     run, config = finished
     with edited(run / "src/bayestune/reports.py"):
         counts = planned(run, config)
-    assert counts == {"report": 1, "task_figures": 1, "score_figure": 1, "all": 1}
+    assert counts == REPORTING
 
 
 def test_editing_fine_tuning_reruns_every_fine_tuning_run(finished):
@@ -110,7 +111,7 @@ def test_editing_fine_tuning_reruns_every_fine_tuning_run(finished):
     with edited(run / "src/bayestune/finetune.py"):
         counts = planned(run, config)
     # The figures share the report's modules (reports.py -> sweep.py -> finetune.py).
-    assert counts == {"finetune": 3, "report": 1, "task_figures": 1, "score_figure": 1, "all": 1}
+    assert counts == {"finetune": 3, **REPORTING}
 
 
 def test_new_raw_data_reruns_everything_built_from_it(finished, glue_dir, tmp_path):
