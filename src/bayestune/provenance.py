@@ -30,10 +30,6 @@ from bayestune import __version__
 
 PACKAGE = "bayestune"
 LOCK_FILE = "requirements.lock"
-# Fields that say which code and software produced a file; the report warns when the runs of
-# one table differ in any of them. Config and device may differ between runs on purpose.
-CODE_AND_ENVIRONMENT = ("bayestune_version", "git_commit", "git_dirty", "code_sha256",
-                        "lock_sha256", "python", "torch", "transformers")
 
 
 def package_dir() -> Path:
