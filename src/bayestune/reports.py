@@ -49,7 +49,7 @@ FIXED_METHODS = frozenset(name for name, spec in REGISTRY.items() if spec.kind !
 
 # Published scores at budget 0.5% for RoBERTa-base, mean of 10 seeds, x100 (the SAM paper:
 # Fu et al., "On the Effectiveness of Parameter-Efficient Fine-Tuning", AAAI 2023, Table 2;
-# copied from docs/BENCHMARK.md). Columns: cola, stsb, mrpc, rte, cb, copa, wsc.
+# as BayesTune reprints them). Columns: cola, stsb, mrpc, rte, cb, copa, wsc.
 PUBLISHED_GLUE: dict[str, tuple[float, ...]] = {  # the seven tasks, then the published AVG
     "full fine-tuning": (58.36, 89.80, 89.55, 76.03, 88.93, 67.70, 53.10, 74.78),
     "random mask": (58.35, 89.81, 88.73, 72.71, 90.54, 68.80, 52.88, 74.55),

@@ -1,6 +1,6 @@
 """Stage 1 of BayesTune: SGLD on (theta, lambda), posterior mean of the scales lambda.
 
-Phases, in optimiser steps s = 0, 1, ... (ALGORITHM.md):
+Phases, in optimiser steps s = 0, 1, ... (as in the BayesTune paper):
 
 * ``s < warmup_steps``: plain fine-tuning of theta; no prior, no noise, lambda fixed.
 * ``s >= warmup_steps``: SGLD on (theta, lambda). The noisy gradient of
