@@ -1,6 +1,6 @@
 """The BayesTune prior: Laplace(theta0, lambda) on each scalar, Gamma(alpha, beta) on lambda.
 
-Everything here is the *tempered negative log-prior* of ALGORITHM.md, i.e. divided by the
+Everything here is the *tempered negative log-prior* of BayesTune, i.e. divided by the
 effective data size N (``temperature``) and with constants dropped::
 
     U_prior = (1/N) sum_i [ |theta_i - theta0_i| / lam_i + log lam_i
