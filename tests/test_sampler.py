@@ -211,6 +211,20 @@ def test_gpu_layout_gives_the_cpu_answer_without_noise(monkeypatch):
         torch.testing.assert_close(whole.mean[name], pieces.mean[name], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["adamw", "sgld"])
+def test_per_tensor_step_gives_the_fused_answer_without_noise(monkeypatch, variant):
+    # The per-tensor step (the authors' order of operations) with the exact settings: the same
+    # chain as the fused step, up to rounding (the noise streams differ, so without noise).
+    config = small_config(noise_discount=0.0, variant=variant, weight_decay=0.0,
+                          lr_theta=1e-2 if variant == "adamw" else 1e-1)
+    fused = run(config)
+    monkeypatch.setattr(SamplerConfig, "fused_step", property(lambda self: False))
+    per_tensor = run(config)
+    assert per_tensor.n_samples == fused.n_samples == 5
+    for name in fused.mean:
+        torch.testing.assert_close(per_tensor.mean[name], fused.mean[name], rtol=1e-4, atol=0)
+
+
 # --- phases -----------------------------------------------------------------------------------
 def _checkpoint_after(steps_done, config, tmp_path):
     path = tmp_path / f"after{steps_done}.pt"
