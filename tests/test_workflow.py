@@ -147,10 +147,16 @@ def test_paper_config_is_the_paper():
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     assert config["model"] == "roberta-base" and config["tasks"] == GLUE_TASKS
     assert 0.005 in config["budgets"] and set(config["methods"]) == ALL_METHODS
-    sampler = config["sampler"]
-    assert (sampler["steps"], sampler["warmup_steps"], sampler["burnin_steps"],
-            sampler["thinning"], sampler["temperature"]) == (20000, 10000, 12000, 100, 1e12)
-    assert config["finetune"]["lr"] == 1e-3 and config["max_length"] == 256
+    from bayestune.finetune import FinetuneConfig
+    from bayestune.sampler import sampler_config, sampler_config_from_section
+
+    assert sampler_config_from_section(config["sampler"]) == sampler_config(
+        "reference", checkpoint_every=config["sampler"]["checkpoint_every"])
+    finetune = FinetuneConfig(**{k: v for k, v in config["finetune"].items()
+                                 if k != "batch_size"})
+    assert (finetune.schedule, finetune.lr, finetune.min_steps, finetune.patience,
+            finetune.eval_every, finetune.val_subset) == ("reference", 1e-3, 20000, 40, 500, 500)
+    assert config["max_length"] == 256
 
 
 def test_paper_dry_run_job_counts(workdir, dry_run):

@@ -23,21 +23,26 @@ Config = TypeVar("Config")
 
 
 # --- flags generated from config dataclasses ------------------------------------------------
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", *,
+                     given_only: bool = False) -> None:
+    """One flag per field. With ``given_only`` a flag left out sets nothing on the namespace,
+    so that a preset can fill it (the help then names the ``exact`` default)."""
     group = parser.add_argument_group(f"{cls.__name__} options")
     for field in dataclasses.fields(cls):
         flag = "--" + (prefix + field.name).replace("_", "-")
         # A field whose default is None (unset: a preset or method default decides) names its
-        # type in the field metadata.
-        default = "" if field.default is None else f" (default: {field.default})"
-        help_text = field.metadata.get("help", "") + default
+        # type in the field metadata. With given_only a flag left out sets nothing.
+        default = argparse.SUPPRESS if given_only else field.default
+        shown = "preset's value; exact: " if given_only and field.name != "preset" else ""
+        help_text = field.metadata.get("help", "") + (
+            "" if field.default is None else f" (default: {shown}{field.default})")
         kind = field.metadata.get("type", type(field.default))
         if kind is bool:
-            group.add_argument(flag, dest=prefix + field.name, default=field.default,
+            group.add_argument(flag, dest=prefix + field.name, default=default,
                                action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(flag, dest=prefix + field.name, default=field.default,
-                               type=kind, help=help_text)
+            group.add_argument(flag, dest=prefix + field.name, default=default,
+                               type=kind, help=help_text, choices=field.metadata.get("choices"))
 
 
 def config_from_args(args: argparse.Namespace, cls: type[Config], prefix: str = "") -> Config:
@@ -82,15 +87,30 @@ def _model_and_data(args: argparse.Namespace):
     return spec, model, data
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
-    from bayestune.models.base import task_loss
-    from bayestune.sampler import SamplerConfig, sample_scales, write_scale_file
+def sampler_config_from_args(args: argparse.Namespace):
+    """The preset (``--preset``, default exact) with the sampler flags given on top."""
+    from bayestune.sampler import SamplerConfig, sampler_config
 
-    config = config_from_args(args, SamplerConfig)
-    _, model, data = _model_and_data(args)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)
+             if hasattr(args, f.name)}
+    return sampler_config(**given)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from bayestune.finetune import val_scorer
+    from bayestune.models.base import resolve_device, task_loss
+    from bayestune.sampler import sample_scales, write_scale_file
+
+    config = sampler_config_from_args(args)
+    spec, model, data = _model_and_data(args)
+    # What the task gives the sampler: the epoch's length (jiant schedule) and a validation
+    # score on the first val_subset examples (the length rule).
+    validate = (val_scorer(data, spec, config.val_subset, resolve_device(args.device))
+                if config.patience > 0 else None)
     result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
                            device=args.device, checkpoint_path=args.checkpoint,
-                           progress=not args.quiet)
+                           progress=not args.quiet, steps_per_epoch=len(data.train),
+                           validate=validate)
     run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
     write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
                      provenance=run)
@@ -353,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="scale file to write (.safetensors)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="resumable state; an existing one is resumed from")
-    add_config_flags(p, SamplerConfig)
+    add_config_flags(p, SamplerConfig, given_only=True)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("mask", help="masks at several budgets from a selection method")
