@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,21 +23,26 @@ Config = TypeVar("Config")
 
 
 # --- flags generated from config dataclasses ------------------------------------------------
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", *,
+                     given_only: bool = False) -> None:
+    """One flag per field. With ``given_only`` a flag left out sets nothing on the namespace,
+    so that a preset can fill it (the help then names the ``exact`` default)."""
     group = parser.add_argument_group(f"{cls.__name__} options")
     for field in dataclasses.fields(cls):
         flag = "--" + (prefix + field.name).replace("_", "-")
         # A field whose default is None (unset: a preset or method default decides) names its
-        # type in the field metadata.
-        default = "" if field.default is None else f" (default: {field.default})"
-        help_text = field.metadata.get("help", "") + default
+        # type in the field metadata. With given_only a flag left out sets nothing.
+        default = argparse.SUPPRESS if given_only else field.default
+        shown = "preset's value; exact: " if given_only and field.name != "preset" else ""
+        help_text = field.metadata.get("help", "") + (
+            "" if field.default is None else f" (default: {shown}{field.default})")
         kind = field.metadata.get("type", type(field.default))
         if kind is bool:
-            group.add_argument(flag, dest=prefix + field.name, default=field.default,
+            group.add_argument(flag, dest=prefix + field.name, default=default,
                                action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(flag, dest=prefix + field.name, default=field.default,
-                               type=kind, help=help_text)
+            group.add_argument(flag, dest=prefix + field.name, default=default,
+                               type=kind, help=help_text, choices=field.metadata.get("choices"))
 
 
 def config_from_args(args: argparse.Namespace, cls: type[Config], prefix: str = "") -> Config:
@@ -55,6 +61,14 @@ def parse_budgets(text: str) -> list[float]:
     for budget in budgets:
         check_budget(budget)
     return budgets
+
+
+def _provenance(args: argparse.Namespace, config: object) -> dict:
+    """The provenance record of this command's outputs: ``config`` is what it ran with."""
+    from bayestune.models.base import resolve_device
+    from bayestune.provenance import collect
+
+    return collect(args.command, config, resolve_device(args.device))
 
 
 # --- subcommands ----------------------------------------------------------------------------
@@ -83,16 +97,33 @@ def _model_and_data(args: argparse.Namespace):
     return spec, model, data
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
-    from bayestune.models.base import task_loss
-    from bayestune.sampler import SamplerConfig, sample_scales, write_scale_file
+def sampler_config_from_args(args: argparse.Namespace):
+    """The preset (``--preset``, default exact) with the sampler flags given on top."""
+    from bayestune.sampler import SamplerConfig, sampler_config
 
-    config = config_from_args(args, SamplerConfig)
-    _, model, data = _model_and_data(args)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)
+             if hasattr(args, f.name)}
+    return sampler_config(**given)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from bayestune.finetune import val_scorer
+    from bayestune.models.base import resolve_device, task_loss
+    from bayestune.sampler import sample_scales, write_scale_file
+
+    config = sampler_config_from_args(args)
+    spec, model, data = _model_and_data(args)
+    # What the task gives the sampler: the epoch's length (jiant schedule) and a validation
+    # score on the first val_subset examples (the length rule).
+    validate = (val_scorer(data, spec, config.val_subset, resolve_device(args.device))
+                if config.patience > 0 else None)
     result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
                            device=args.device, checkpoint_path=args.checkpoint,
-                           progress=not args.quiet)
-    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id)
+                           progress=not args.quiet, steps_per_epoch=len(data.train),
+                           validate=validate)
+    run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
+    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
+                     provenance=run)
     if args.checkpoint is not None:
         # The scale file is the product; a finished run's checkpoint is only dead weight.
         Path(args.checkpoint).unlink(missing_ok=True)
@@ -110,6 +141,7 @@ def cmd_mask(args: argparse.Namespace) -> None:
         select_masks,
     )
     from bayestune.models.base import resolve_device, task_loss
+    from bayestune.provenance import upstream
     from bayestune.tasks import build_task_model, load_task_data
 
     config = config_from_args(args, MethodConfig)
@@ -117,10 +149,11 @@ def cmd_mask(args: argparse.Namespace) -> None:
     model = build_task_model(args.task, args.model, args.seed, declared)
     model.to(resolve_device(args.device))  # the gradient methods' passes run where it sits
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    scores = None
+    scores, chain = None, {}
     if args.scores is not None:
-        scores, _ = files.load_scores(args.scores)
+        scores, scores_meta = files.load_scores(args.scores)
         files.check_matches_model(scores, shapes, args.scores, "score")
+        chain = upstream(scores_meta, "scales")
     batches = None
     if args.data is not None:
         batches = load_task_data(args.task, args.data, args.batch_size, args.seed,
@@ -129,16 +162,19 @@ def cmd_mask(args: argparse.Namespace) -> None:
                          scores=scores)
     options = ranking_options(args.method, config)
     run = {"task": args.task, "seed": args.seed, "model": model.model_id}
+    made_by = _provenance(args, {"method": args.method, "mask": config,
+                                 "batch_size": args.batch_size})
     out_dir = Path(args.out_dir)
     for budget, mask in masks.items():
         meta = mask_metadata(mask, budget, method=args.method, **options, **run,
                              published_as=published_label(args.method, options),
                              start=masks.start is not None, **method_settings(config))
-        files.save_mask(out_dir / mask_file_name(budget), mask, meta)
+        files.save_mask(out_dir / mask_file_name(budget), mask, {**meta, "upstream": chain},
+                        made_by)
     if masks.start is not None:
         files.save_model_state(args.start_out or out_dir / START_FILE_NAME, masks.start,
                                {"method": args.method, "start_of": "stage 2", **run,
-                                **method_settings(config)})
+                                **method_settings(config), "upstream": chain}, made_by)
 
 
 def _load_start(path: Path, model, args: argparse.Namespace) -> dict:
@@ -179,15 +215,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from bayestune.delta import make_delta
     from bayestune.finetune import FinetuneConfig, finetune
     from bayestune.masks import mask_fraction
+    from bayestune.provenance import upstream
 
     config = config_from_args(args, FinetuneConfig)
+    settings: dict = {"finetune": config, "batch_size": args.batch_size}
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask, mask_meta, method, budget = None, None, args.method, args.method
+    mask, mask_meta, method, budget, chain = None, None, args.method, args.method, {}
     if args.mask is not None:
         mask, mask_meta = files.load_mask(args.mask)
         files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
         method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
+        chain = upstream(mask_meta, "mask")
         if mask_meta.get("start") and args.start is None:
             raise ValueError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
                              "goes on from those weights; pass --start with the start file its "
@@ -197,17 +236,19 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.method == "lora" and mask is None:
         from bayestune.methods import LoraSettings, merge_lora, wrap_lora
 
-        settings = config_from_args(args, LoraSettings, prefix="lora_")
-        trained, lora_preset = wrap_lora(model, settings), settings.effective_preset()
+        settings["lora"] = config_from_args(args, LoraSettings, prefix="lora_")
+        trained = wrap_lora(model, settings["lora"])
+        lora_preset = settings["lora"].effective_preset()
     result = finetune(trained, data, spec, config, mask=mask, seed=args.seed, device=args.device,
                       progress=not args.quiet)
     if trained is not model:
         model = merge_lora(trained)
     out_dir = Path(args.out_dir)
     delta = make_delta(model.cpu(), theta0)
+    made_by = _provenance(args, {"method": method, **settings})
     files.save_delta(out_dir / "delta.safetensors", delta,
                      {"task": args.task, "model": model.model_id, "seed": args.seed,
-                      "method": method, "budget": budget})
+                      "method": method, "budget": budget, "upstream": chain}, made_by)
     # With a start, every scalar the start moved is trained as much as the masked ones: the
     # trainable fraction counts both, and the changed fraction says what differs from theta0.
     changed = sum(int((p.detach() != theta0[n].to(p.device)).sum())
@@ -228,7 +269,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "wall_seconds": result.wall_seconds, "bayestune_version": __version__,
         "history": convergence.history_records(result.history),
         "stop_reason": convergence.stop_reason(result.history, result.best_step, config.patience),
-    })
+        "upstream": chain,
+    }, provenance=made_by)
     log.info("%s %s: test %s = %.4f", args.task, method, spec.metric_name, result.test_score)
 
 
@@ -249,6 +291,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     scores = reports.collect_scores(args.metrics)
     reports.write_tables(scores, args.out_dir, args.benchmark, args.model,
                          reference=args.reference, main_budget=format(args.main_budget, "g"))
+    reports.write_provenance(args.metrics, args.out_dir, args.benchmark)
+    reports.write_table_html(args.out_dir, args.benchmark)
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -313,8 +357,12 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         parser.add_argument("--gpu-slots", type=Path, default=None,
                             help="folder of GPU slot locks shared by a run's jobs: with several "
                                  "GPUs visible, auto and cuda take a free slot's GPU")
-        parser.add_argument("--jobs-per-gpu", type=int, default=1,
-                            help="with --gpu-slots: jobs that may share one GPU")
+        # From the environment too: the workflow sets it outside the rules' commands, so that
+        # changing it reruns nothing.
+        parser.add_argument("--jobs-per-gpu", type=int,
+                            default=int(os.environ.get("BAYESTUNE_JOBS_PER_GPU") or 1),
+                            help="with --gpu-slots: jobs that may share one GPU (default from "
+                                 "$BAYESTUNE_JOBS_PER_GPU, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="bayestune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bayestune {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # The workflow switches progress bars with the environment, not a flag: a flag in the
+    # rules' commands would rerun every job when config key `progress` changes.
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=os.environ.get("BAYESTUNE_QUIET", "") not in ("", "0"),
+                        help="no progress bars (default from $BAYESTUNE_QUIET)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read, check and tokenise a task's splits")
@@ -342,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="scale file to write (.safetensors)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="resumable state; an existing one is resumed from")
-    add_config_flags(p, SamplerConfig)
+    add_config_flags(p, SamplerConfig, given_only=True)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("mask", help="masks at several budgets from a selection method")

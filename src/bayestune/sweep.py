@@ -115,18 +115,24 @@ def _task_data_cache(job: SweepJob, config: Mapping[str, Any]):
 def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str):
     """The job's mask at the main budget (None for full and lora) and the number of lambda
     samples behind it. Stage 1 runs on a copy: ``model`` stays at theta0 for stage 2."""
+    from bayestune.finetune import val_scorer
     from bayestune.methods import MethodConfig, select_masks
     from bayestune.models.base import resolve_device, task_loss
-    from bayestune.sampler import SamplerConfig, sample_scales
+    from bayestune.sampler import sample_scales, sampler_config_from_section
+    from bayestune.tasks import get_task
 
     if job.method in ("full", "lora"):
         return None, 0
     scores, n_samples = None, 0
     if job.method == "bayestune":
         section = _section(config, "sampler", job.sampler)
-        result = sample_scales(copy.deepcopy(model), data(section).train_epoch, task_loss,
-                               _dataclass_part(SamplerConfig, section), seed=job.seed,
-                               device=device, progress=False)
+        sampler = sampler_config_from_section(section)
+        loaded = data(section)
+        validate = (val_scorer(loaded, get_task(job.task), sampler.val_subset,
+                               resolve_device(device)) if sampler.patience > 0 else None)
+        result = sample_scales(copy.deepcopy(model), loaded.train_epoch, task_loss, sampler,
+                               seed=job.seed, device=device, progress=False,
+                               steps_per_epoch=len(loaded.train), validate=validate)
         scores, n_samples = result.mean, result.n_samples
     by_method = config.get("mask_by_method", {}).get(job.method, {})
     section = _section(config, "mask", {**by_method, **job.mask})

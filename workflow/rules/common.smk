@@ -23,12 +23,14 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
+
 from bayestune.masks import mask_file_name
 from bayestune.methods.registry import BUDGETED as _BUDGETED, FIXED as _FIXED, REGISTRY
+from bayestune.provenance import command_code_hash, folder_fingerprint
 from bayestune.tasks import check_task_names
 from bayestune.tasks.base import TaskError
 from bayestune.tasks.custom import parse_custom_tasks, read_task_file
-from bayestune.tasks.tables import find_split_file
 
 RES = config["results_dir"].rstrip("/")
 PREP = config["prepared_dir"].rstrip("/")
@@ -75,9 +77,6 @@ GPU = 0 if config["device"] == "cpu" else 1
 # Snakemake counts GPUs but assigns none: a GPU job locks a free slot file here when it starts
 # and runs on GPU slot // jobs_per_gpu (bayestune.devices); a job that sees one GPU skips it.
 GPU_SLOTS = f"{RES}/.gpu_slots"
-# The package's command line from the Python running Snakemake, so a run needs no activated
-# virtual environment (cluster jobs start the same interpreter from the shared file system).
-BAYESTUNE = shlex.quote(sys.executable) + " -m bayestune" + ("" if config["progress"] else " -q")
 
 if MAIN_BUDGET not in BUDGETS and any(m in BUDGETED for m in METHODS):
     raise ValueError(
@@ -131,22 +130,42 @@ def cli_flags(options, prefix=""):
 
 
 def gpu_slot_flags(uses_gpu=True):
-    """--gpu-slots for a job that asks for a GPU, so that local jobs spread over the GPUs."""
+    """--gpu-slots for a job that asks for a GPU, so that local jobs spread over the GPUs. How
+    many jobs share a GPU (jobs_per_gpu) is in the shell prefix: it changes where a job runs,
+    not what it computes."""
     if not (GPU and uses_gpu):
         return ""
-    return f"--gpu-slots {shlex.quote(GPU_SLOTS)} --jobs-per-gpu {config['jobs_per_gpu']}"
+    return f"--gpu-slots {shlex.quote(GPU_SLOTS)}"
 
 
-def _builtin_data_dir():
-    env, key = ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
-    return os.environ.get(env) or config.get(key)
+# --- what decides a rerun ---------------------------------------------------------------------
+# Snakemake reruns a job when its rule's shell text, its params, its input files or its software
+# environment change. So the rules get a hash of the code their subcommand runs and a hash of
+# the raw task files as params, while HOW a job runs (the interpreter's path, progress bars, the
+# data folder's spelling or place) travels in the shell prefix and the environment, which
+# Snakemake does not compare: moving the venv or turning on `progress` reruns nothing.
+CODE = {
+    command: command_code_hash(command)
+    for command in ("prepare", "sample", "mask", "finetune", "report", "figures")
+}
+_DATA_ENV, _DATA_KEY = (
+    ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
+)
+# The environment wins over the config; none (or "hub" for GLUE) reads the Hugging Face Hub.
+DATA_DIR = os.environ.get(_DATA_ENV) or config.get(_DATA_KEY)
+if DATA_DIR and DATA_DIR != "hub":
+    DATA_DIR = os.path.abspath(DATA_DIR)
 
 
-def data_dir_flag(task=None):
-    """--data-dir from the environment or the config; none lets the CLI use the hub. A
-    declared task names its own data."""
-    path = _builtin_data_dir()
-    return f"--data-dir {shlex.quote(str(path))}" if path and task not in CUSTOM_TASKS else ""
+def data_source(task):
+    """The task's raw files by content (a vtab-<name> task lives in folder <name>; a declared
+    task in the folder its declaration names)."""
+    if task in CUSTOM_TASKS:
+        folder = Path(CUSTOM_TASKS[task].data).expanduser()
+        return folder_fingerprint(folder) if folder.is_dir() else "hub"
+    if not DATA_DIR or DATA_DIR == "hub":
+        return "hub"
+    return folder_fingerprint(os.path.join(DATA_DIR, task.removeprefix("vtab-")))
 
 
 def _find_task_file():
@@ -178,22 +197,24 @@ def task_declaration(task):
     return CUSTOM_TASKS[task].fingerprint() if task in CUSTOM_TASKS else ""
 
 
-def prepare_inputs(wildcards):
-    """The split files of a local text source, so that editing one reruns prepare."""
-    task = wildcards.task
-    if task in CUSTOM_TASKS:
-        declared = CUSTOM_TASKS[task]
-        folder = Path(declared.data).expanduser()
-        if declared.kind != "text" or not folder.is_dir():
-            return []
-        stems = [declared.split_name(s) for s in ("train", "val", "test")]
-        found = [find_split_file(folder, stem) for stem in stems if stem is not None]
-        return [str(p) for p in found if p is not None]
-    folder = _builtin_data_dir()
-    if BENCH == "vtab" or not folder or str(folder) == "hub":
-        return []
-    found = [Path(folder) / task / f"{s}.jsonl" for s in ("train", "val", "test")]
-    return [str(p) for p in found if p.is_file()]
+def _shell_prefix():
+    exports = {"BAYESTUNE_QUIET": "0" if config["progress"] else "1",
+               "BAYESTUNE_JOBS_PER_GPU": str(config["jobs_per_gpu"])}
+    if DATA_DIR:
+        exports[_DATA_ENV] = shlex.quote(DATA_DIR)
+    if PACKAGE_SRC is not None:
+        exports["PYTHONPATH"] = shlex.quote(str(PACKAGE_SRC)) + '${PYTHONPATH:+:"$PYTHONPATH"}'
+    isolated = {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}
+    if not isolated & set(workflow.deployment_settings.deployment_method):
+        # `python` is the interpreter running Snakemake (no activated venv needed; cluster
+        # jobs start the same one from the shared file system); a conda env or a container
+        # brings its own.
+        exports["PATH"] = shlex.quote(os.path.dirname(sys.executable)) + ':"$PATH"'
+    text = " ".join(f"{name}={value}" for name, value in exports.items())
+    return f"set -euo pipefail; export {text}; ".replace("{", "{{").replace("}", "}}")
+
+
+shell.prefix(_shell_prefix())
 
 
 # --- paths ------------------------------------------------------------------------------------
@@ -269,16 +290,19 @@ def finetune_inputs(wildcards):
     return inputs
 
 
-def finetune_source(wildcards, input):
+def finetune_source(wildcards):
     """--mask FILE (+ --start FILE) for mask methods, --method full|lora (+ LoRA flags)
-    otherwise."""
+    otherwise. A function of the wildcards alone: Snakemake does not compare params computed
+    from the input files, and the LoRA settings must rerun LoRA when they change."""
     if wildcards.method == "lora":
-        return "--method lora " + cli_flags(config["lora"], prefix="lora_")
+        return f"--method lora {cli_flags(config['lora'], prefix='lora_')}"
     if wildcards.method in UNMASKED:
         return f"--method {wildcards.method}"
+    mask = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label)
     if wildcards.method in STARTED:
-        return f"--mask {input.mask} --start {input.start}"
-    return f"--mask {input.mask}"
+        start = start_file(wildcards.method, wildcards.task, wildcards.seed)
+        return f"--mask {mask} --start {start}"
+    return f"--mask {mask}"
 
 
 def finetune_flags(wildcards):
@@ -316,8 +340,18 @@ def task_figures(task):
     return [f"{RES}/figures/{task}/{name}" for name in names]
 
 
+def figure_options(wildcards, input):
+    """--scales/--masks/--scores-csv FILE... from the figure rules' named inputs."""
+    options = []
+    for name, paths in input.items():
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        if paths:
+            options.append(f"--{name.replace('_', '-')} " + " ".join(map(shlex.quote, paths)))
+    return " ".join(options)
+
+
 def table_files():
-    names = ("scores.csv", "table.csv", "table.md", "paired.csv")
+    names = ("scores.csv", "table.csv", "table.md", "table.html", "paired.csv")
     return [f"{RES}/{BENCH}_{name}" for name in names]
 
 
@@ -340,10 +374,14 @@ def convergence_figures():
     return figures
 
 
+def provenance_file():
+    return f"{RES}/{BENCH}_provenance.csv"
+
+
 def all_targets():
     figures = [f for task in TASKS for f in task_figures(task)]
-    return (table_files() + figures + [f"{RES}/figures/score_vs_budget.png"]
-            + convergence_figures())
+    return (table_files() + [provenance_file()] + figures
+            + [f"{RES}/figures/score_vs_budget.png"] + convergence_figures())
 
 
 wildcard_constraints:

@@ -11,7 +11,7 @@ rule finetune:
     log:
         f"{RES}/logs/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}.log",
     params:
-        cli=BAYESTUNE,
+        code=CODE["finetune"],
         model=config["model"],
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
@@ -25,9 +25,11 @@ rule finetune:
         gpu=GPU,
         mem_mb=res("finetune", "mem_mb"),
         runtime=res("finetune", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cli} finetune --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} python -m bayestune finetune --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed}"
-        " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots} {params.source} {params.flags}"
-        " {params.task_file}"
+        " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots}"
+        " {params.source} {params.flags} {params.task_file}"
         " > {log} 2>&1"

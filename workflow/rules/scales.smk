@@ -11,7 +11,7 @@ rule sample:
     log:
         f"{RES}/logs/sample/{{task}}/seed{{seed}}.log",
     params:
-        cli=BAYESTUNE,
+        code=CODE["sample"],
         model=config["model"],
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
@@ -25,9 +25,11 @@ rule sample:
         gpu=GPU,
         mem_mb=res("sample", "mem_mb"),
         runtime=res("sample", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cli} sample --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} python -m bayestune sample --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output}"
-        " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots} {params.flags}"
-        " {params.task_file}"
+        " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots}"
+        " {params.flags} {params.task_file}"
         " > {log} 2>&1"
