@@ -1,25 +1,71 @@
-# One entry point for people and CI. torch and torchvision are pinned and installed first:
-# an unpinned torch is a multi-GB download, and other torchvision builds fail to import.
-PYTHON ?= python3
+# One entry point for people and CI. `make install` builds .venv from requirements.lock, the exact
+# version of every package for Python 3.11 (`make lock` refreshes it from pyproject.toml). torch
+# and torchvision go in first: an unpinned torch is a multi-GB download, and other torchvision
+# builds fail to import beside it.
+PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+LOCK := requirements.lock
+CONDA_ENV := workflow/envs/bayestune.yaml
+TORCH_PINS := $(shell grep -E '^torch(vision)?==' $(LOCK) | cut -d' ' -f1)
 export PATH := $(abspath $(BIN)):$(PATH)
-export BAYESTUNE_GLUE_DIR ?= $(abspath ../shared/data/glue_superglue)
 
-.PHONY: install test lint demo cpu sweep-cpu paper bench clean-demo
+# Task data: the local GLUE/SuperGLUE copy beside the repository when there is one (and
+# $BAYESTUNE_GLUE_DIR is unset), else the Hugging Face Hub.
+LOCAL_GLUE := ../shared/data/glue_superglue
+ifeq ($(BAYESTUNE_GLUE_DIR),)
+ifneq ($(wildcard $(LOCAL_GLUE)/cola/train.jsonl),)
+export BAYESTUNE_GLUE_DIR := $(abspath $(LOCAL_GLUE))
+endif
+endif
+ifeq ($(BAYESTUNE_GLUE_DIR),)
+GLUE_SOURCE := --config glue_dir=hub
+HUB_CHECK := import urllib.request as r; r.urlopen('https://huggingface.co', timeout=15)
+OFFLINE_HELP := error: the Hugging Face Hub is unreachable (offline?). Set BAYESTUNE_GLUE_DIR \
+	to a folder laid out as <task>/{train,val,test}.jsonl, or connect and rerun.
+define check_glue_source
+	@echo "No GLUE/SuperGLUE copy at $(LOCAL_GLUE) or \$$BAYESTUNE_GLUE_DIR: using the Hub."
+	@$(BIN)/python -c "$(HUB_CHECK)" 2>/dev/null || { echo "$(OFFLINE_HELP)" >&2; exit 1; }
+endef
+endif
+
+.PHONY: install lock test lint demo cpu sweep-cpu paper report bench clean-demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))" \
+	|| { echo "error: $(LOCK) is for Python 3.11: make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[workflow,offline,dev]' $(TORCH_PINS)
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
+# Re-resolve the lock from pyproject.toml (with the extras `install` uses; needs PyPI), then write
+# its pins into the workflow's conda environment. Pins still allowed by pyproject.toml are kept:
+# `make lock PIP_COMPILE_FLAGS=--upgrade` moves every package to its newest release.
+PIP_COMPILE_FLAGS ?=
+lock: install
+	$(BIN)/pip install -q pip-tools
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet $(PIP_COMPILE_FLAGS) \
+		--extra workflow --extra offline --extra dev --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --annotation-style line \
+		--output-file $(LOCK) pyproject.toml
+	$(MAKE) --no-print-directory $(CONDA_ENV)
+
+$(CONDA_ENV): $(LOCK)
+	{ echo "# The workflow's software environment (snakemake --software-deployment-method conda)."; \
+	  echo "# Written by make lock from $(LOCK), for Python 3.11: do not edit by hand."; \
+	  echo "channels: [conda-forge, nodefaults]"; \
+	  echo "dependencies:"; echo "  - python=3.11"; echo "  - pip"; echo "  - pip:"; \
+	  grep -E '^[A-Za-z0-9]' $(LOCK) | cut -d' ' -f1 | sed 's/^/      - /'; } > $@
+
+# ruff, then Snakemake's own linter (it fails on any lint).
 lint: install
 	$(BIN)/ruff check src tests
+	$(BIN)/snakemake --lint
 
 # -rs prints why a test was skipped (the SLURM test needs root and apt-get or Debian's slurm
 # packages; where it runs it prints the jobs it submitted and its wall time).
@@ -27,20 +73,30 @@ test: install lint
 	$(BIN)/pytest -q -rs
 
 demo: install
-	$(BIN)/snakemake --cores all --configfile config/demo.yaml
+	$(check_glue_source)
+	$(BIN)/snakemake --cores all --configfile config/demo.yaml $(GLUE_SOURCE)
 
 cpu: install
-	$(BIN)/snakemake --cores all --configfile config/cpu.yaml
+	$(check_glue_source)
+	$(BIN)/snakemake --cores all --configfile config/cpu.yaml $(GLUE_SOURCE)
 
-# Stage-1 settings for cpu.yaml, scored on the validation split only (about 3.5 h on 2 cores;
-# --device cuda --workers 12 on a GPU machine: about 7 min).
+# Stage-1 settings for cpu.yaml, scored on the validation split only (hours on 2 cores; minutes
+# with --device cuda --workers 12 on a GPU: README.md, "Results").
 sweep-cpu: install
-	$(BIN)/snakemake --cores all --configfile config/cpu.yaml --until prepare
+	$(check_glue_source)
+	$(BIN)/snakemake --cores all --configfile config/cpu.yaml $(GLUE_SOURCE) --until prepare
 	$(BIN)/bayestune sweep --config config/cpu.yaml --grid config/sweeps/cpu_sampler.yaml \
 		--out results/cpu/sweep/sweep_val.csv --workers 2
 
 paper: install
 	$(BIN)/snakemake --cores all results/glue_table.csv
+
+# One HTML page with every table and figure of a finished run, e.g. after `make demo`:
+# make report (-> results/demo_report.html); make report CONFIG=config/cpu.yaml
+CONFIG ?= config/demo.yaml
+report: install
+	$(BIN)/snakemake --configfile $(CONFIG) \
+		--report results/$(notdir $(basename $(CONFIG)))_report.html
 
 bench: install
 	$(BIN)/bayestune bench --out results/bench/bench.json

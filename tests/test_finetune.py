@@ -9,9 +9,17 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig
 
 from bayestune.files import FileFormatError
-from bayestune.finetune import FinetuneConfig, MaskedUpdater, finetune, train_step
+from bayestune.finetune import (
+    FinetuneConfig,
+    MaskedUpdater,
+    finetune,
+    first_examples,
+    make_updater,
+    train_step,
+)
 from bayestune.masks import masks_from_scores
 from bayestune.models.text import build_text_model_from_config
+from bayestune.optim import TransformersAdamW, jiant_schedule, no_decay_names
 from bayestune.tasks.base import TaskData, TaskSpec
 
 VOCAB, LENGTH = 120, 12
@@ -52,13 +60,14 @@ def random_mask(model, p: float, seed: int = 0) -> dict[str, torch.Tensor]:
     return masks_from_scores(scores, [p])[p]
 
 
-def test_frozen_scalars_stay_bit_identical_with_weight_decay() -> None:
+@pytest.mark.parametrize("schedule", ["linear", "reference"])
+def test_frozen_scalars_stay_bit_identical_with_weight_decay(schedule) -> None:
     model = tiny_model()
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     mask = random_mask(model, 0.05)
     mask["encoder.embeddings.LayerNorm.bias"].zero_()  # one tensor with nothing selected
-    config = FinetuneConfig(lr=1e-2, weight_decay=0.5, max_steps=6, eval_every=3,
-                            warmup_ratio=0.0)
+    config = FinetuneConfig(schedule=schedule, lr=1e-2, weight_decay=0.5, max_steps=6,
+                            eval_every=3, warmup_ratio=0.0, epochs=10)
     result = finetune(model, tiny_data(), SPEC, config, mask=mask, seed=0, device="cpu",
                       progress=False)
     changed = 0
@@ -126,6 +135,77 @@ def test_early_stopping_restores_best_validation_step() -> None:
     assert not np.array_equal(seen[-1], seen[3])
 
 
+def test_reference_updater_spares_biases_and_layernorm_from_decay() -> None:
+    model = tiny_model()
+    mask = random_mask(model, 0.2)
+    updater = make_updater(model, mask, FinetuneConfig(schedule="reference", lr=0.1,
+                                                       weight_decay=0.5))
+    exempt = {n for n in mask if "bias" in n or "LayerNorm" in n}
+    assert exempt == no_decay_names(model) and len(exempt) > 10
+    decayed, spared = updater.packs
+    assert decayed.numel() == sum(int(m.sum()) for n, m in mask.items() if n not in exempt)
+    assert spared.numel() == sum(int(m.sum()) for n, m in mask.items() if n in exempt) > 0
+    assert isinstance(updater.optimizer, TransformersAdamW)
+    assert [g["weight_decay"] for g in updater.optimizer.param_groups] == [0.5, 0.0]
+    before = [decayed.detach().clone(), spared.detach().clone()]
+    updater.zero_grad()       # a zero gradient: the Adam step is 0, only the decay acts
+    updater.step()
+    torch.testing.assert_close(decayed.detach(), before[0] * (1 - 0.1 * 0.5))
+    assert torch.equal(spared.detach(), before[1])
+    updater.close()
+
+
+def test_transformers_adamw_and_the_jiant_ramp_are_the_authors_formulas() -> None:
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = TransformersAdamW([{"params": [p], "weight_decay": 0.1}], lr=0.01, eps=1e-8)
+    ramp = jiant_schedule(opt, epochs=5, steps_per_epoch=4, warmup_ratio=0.1)  # 20, warm 2
+    rates, want = [], p.detach().clone()
+    m, v = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t in range(1, 21):
+        lr = opt.param_groups[0]["lr"]
+        rates.append(lr)
+        g = torch.tensor([0.3, -0.1, 1e-9], dtype=torch.float64) * t
+        p.grad = g.clone()
+        opt.step()
+        ramp.step()
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        want = want - lr * (1 - 0.999 ** t) ** 0.5 / (1 - 0.9 ** t) * m / (v.sqrt() + 1e-8)
+        want = want - lr * 0.1 * want       # decay after the step, on the new value
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=0)
+    assert rates[:3] == [0.0, 0.005, 0.01] and rates[-1] == pytest.approx(0.01 / 18)
+    assert opt.param_groups[0]["lr"] == 0.0  # t_total reached
+
+
+def test_reference_schedule_stops_as_jiant_and_selects_on_the_val_subset() -> None:
+    scripted = iter([0.5, 0.6, 0.4, 0.3, 0.95])
+    sizes: list[int] = []
+
+    def metric(logits: np.ndarray, labels: np.ndarray) -> float:
+        sizes.append(len(labels))
+        return next(scripted) if len(labels) == 10 else 0.7   # the whole split: 16
+
+    spec = TaskSpec(name="scripted", benchmark="glue", metric_name="scripted", metric=metric)
+    config = FinetuneConfig(schedule="reference", lr=1e-2, max_steps=0, epochs=100,
+                            eval_every=3, patience=2, min_steps=12, val_subset=10)
+    result = finetune(tiny_model(), tiny_data(), spec, config,
+                      mask=random_mask(tiny_model(), 0.2), seed=0, device="cpu", progress=False)
+    # validation after steps 2, 5, 8, 11 (jiant: when steps + 1 is a multiple of 3); patience
+    # is used up at step 11, but the run must pass min_steps: it stops at 13 and validates once
+    # more at the end, where the best score turns up
+    assert [h[0] for h in result.history] == [2, 5, 8, 11, 13]
+    assert result.steps == 13 and result.best_step == 13
+    assert sizes == [10] * 5 + [16, 16]     # selection on 10 examples; val and test on all
+    assert result.val_score == 0.7
+
+
+def test_first_examples_cuts_the_stream() -> None:
+    loader = DataLoader(_examples(16, 0), batch_size=6)
+    assert [len(b["labels"]) for b in first_examples(loader, 10)] == [6, 4]
+    assert [len(b["labels"]) for b in first_examples(loader, 12)] == [6, 6]
+    assert [len(b["labels"]) for b in first_examples(loader, 0)] == [6, 6, 4]
+    assert [len(b["input_ids"]) for b in first_examples(loader, 3)] == [3]
+
+
 def test_full_finetuning_without_mask_trains_everything() -> None:
     model = tiny_model()
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -159,6 +239,11 @@ def test_bad_masks_and_configs_are_rejected() -> None:
         MaskedUpdater(model, partial, 1e-3, 0.0)
     with pytest.raises(ValueError, match="at least 1"):
         FinetuneConfig(eval_every=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        FinetuneConfig(max_steps=0)       # linear needs its length; reference may run on
+    assert FinetuneConfig(schedule="reference", max_steps=0).max_steps == 0
+    with pytest.raises(ValueError, match="schedule 'cosine'"):
+        FinetuneConfig(schedule="cosine")
 
 
 def test_bench_smoke_in_process(tmp_path) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from bayestune.files import load_token_cache
 from bayestune.models.text import load_tokenizer
-from bayestune.tasks import glue
+from bayestune.tasks import glue, tokens
 from bayestune.tasks.base import TaskError
 
 SEVEN = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
@@ -241,7 +241,7 @@ def test_prepare_caches_and_load_data_serves_batches(tmp_path, glue_dir, monkeyp
     def no_tokenizer(name):
         raise AssertionError("cache hit expected")
 
-    monkeypatch.setattr(glue, "load_tokenizer", no_tokenizer)
+    monkeypatch.setattr(tokens, "tokenizer_for", no_tokenizer)
     glue.prepare("cb", "all-MiniLM-L6-v2", tmp_path / "cb", glue_dir, max_length=64)  # alias hit
     with pytest.raises(AssertionError, match="cache hit"):
         glue.prepare("cb", "minilm", tmp_path / "cb", glue_dir, max_length=32)

@@ -68,9 +68,31 @@ def test_floor_case_is_covered_and_flat_below_it():
                           torch.full((int(moved.sum()),), 1 / FLOOR, dtype=lam.dtype))
 
 
+def test_clamped_floor_gradient_is_the_formula_at_the_floor():
+    """The authors' gradient: (1/N) [(2 - alpha)/lam - |d|/lam^2 + beta] at lam = max(lambda,
+    floor), also at and below the floor (where the exact gradient is 0)."""
+    prior = LaplaceGammaPrior(alpha=0.01, beta=100.0, temperature=1e3, floor=FLOOR,
+                              floor_gradient="clamped")
+    theta, theta0, lam = _case((40,), seed=4)
+    lam_c = lam.clamp_min(FLOOR)
+    want = ((2 - 0.01) / lam_c - (theta - theta0).abs() / lam_c ** 2 + 100.0) / 1e3
+    got = prior.grad_lambda(theta, theta0, lam)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    at_or_below = lam <= FLOOR
+    moved = at_or_below & (theta != theta0)
+    assert (got[moved] < -1e8).all()           # |d| / floor^2 dominates: a huge kick upwards
+    assert (got[at_or_below & (theta == theta0)] > 0).all()
+    exact = LaplaceGammaPrior(alpha=0.01, beta=100.0, temperature=1e3, floor=FLOOR)
+    assert torch.equal(exact.grad_lambda(theta, theta0, lam)[~at_or_below], got[~at_or_below])
+    with pytest.raises(ValueError, match="floor_gradient"):
+        LaplaceGammaPrior(floor_gradient="autograd")
+
+
+@pytest.mark.parametrize("floor_gradient", ["zero", "clamped"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_matches_per_tensor(dtype):
-    prior = LaplaceGammaPrior(alpha=0.01, beta=100.0, temperature=1e4, floor=FLOOR)
+def test_fused_matches_per_tensor(dtype, floor_gradient):
+    prior = LaplaceGammaPrior(alpha=0.01, beta=100.0, temperature=1e4, floor=FLOOR,
+                              floor_gradient=floor_gradient)
     cases = [_case(shape, seed=i, dtype=dtype) for i, shape in enumerate(SHAPES)]
     start = [torch.randn_like(c[0]) for c in cases]   # data gradients already there
     theta_grads = [s.clone() for s in start]

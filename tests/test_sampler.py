@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import io
 from pathlib import Path
 
@@ -20,7 +23,9 @@ from bayestune.sampler import (
     SamplerConfig,
     SamplerConfigError,
     SamplingDivergedError,
+    preset_overrides,
     sample_scales,
+    sampler_config,
     write_scale_file,
 )
 from bayestune.tasks.base import TaskData
@@ -55,10 +60,12 @@ def tiny_data(n: int = 36, batch_size: int = 8) -> TaskData:
     return TaskData(train=loader, val=loader, test=loader, seed=7)
 
 
-def small_config(**changes) -> SamplerConfig:
+def small_config(preset: str = "exact", **changes) -> SamplerConfig:
     base = dict(steps=40, warmup_steps=8, burnin_steps=20, thinning=4, temperature=1e4,
                 lambda_init=1e-3, lr_theta=1e-2, lr_lambda=1e-3, checkpoint_every=5)
-    return SamplerConfig(**{**base, **changes})
+    if preset == "reference":  # a fixed length, the jiant ramp over 20 epochs of 5 batches
+        base.update(patience=0, schedule_epochs=20)
+    return sampler_config(preset, **{**base, **changes})
 
 
 class Killed(Exception):
@@ -82,8 +89,18 @@ def killed_after(batches, n_batches: int):
 def run(config, model=None, data=None, **kwargs):
     model = model if model is not None else tiny_net()
     data = data if data is not None else tiny_data()
-    kwargs = {"seed": 3, "device": "cpu", "progress": False, **kwargs}
+    kwargs = {"seed": 3, "device": "cpu", "progress": False, "steps_per_epoch": 5, **kwargs}
     return sample_scales(model, data.train_epoch, ce_loss, config, **kwargs)
+
+
+def val_score(model: nn.Module) -> float:
+    """A deterministic validation score: minus the loss on a fixed batch, dropout off."""
+    g = torch.Generator().manual_seed(9)
+    batch = {"x": torch.randn(16, 6, generator=g), "y": torch.randint(0, 3, (16,), generator=g)}
+    model.eval()
+    with torch.no_grad():
+        return -float(ce_loss(model, {k: v.to(next(model.parameters()).device)
+                                      for k, v in batch.items()}))
 
 
 # A GPU runs the same tests where one is visible (the CUDA sampler keeps whole tensors, its
@@ -197,6 +214,20 @@ def test_gpu_layout_gives_the_cpu_answer_without_noise(monkeypatch):
         torch.testing.assert_close(whole.mean[name], pieces.mean[name], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["adamw", "sgld"])
+def test_per_tensor_step_gives_the_fused_answer_without_noise(monkeypatch, variant):
+    # The per-tensor step (the authors' order of operations) with the exact settings: the same
+    # chain as the fused step, up to rounding (the noise streams differ, so without noise).
+    config = small_config(noise_discount=0.0, variant=variant, weight_decay=0.0,
+                          lr_theta=1e-2 if variant == "adamw" else 1e-1)
+    fused = run(config)
+    monkeypatch.setattr(SamplerConfig, "fused_step", property(lambda self: False))
+    per_tensor = run(config)
+    assert per_tensor.n_samples == fused.n_samples == 5
+    for name in fused.mean:
+        torch.testing.assert_close(per_tensor.mean[name], fused.mean[name], rtol=1e-4, atol=0)
+
+
 # --- phases -----------------------------------------------------------------------------------
 def _checkpoint_after(steps_done, config, tmp_path):
     path = tmp_path / f"after{steps_done}.pt"
@@ -252,6 +283,14 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS")
 
 
+def _release_free_memory() -> None:
+    """Hand the memory that earlier tests freed back to the system: else a new buffer reuses
+    pages that are already resident and the RSS does not show it."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def test_running_statistics_on_disk_match_memory_and_stay_out_of_the_process(monkeypatch):
     if not Path("/proc/self/status").exists():
         pytest.skip("needs Linux /proc")
@@ -262,6 +301,7 @@ def test_running_statistics_on_disk_match_memory_and_stay_out_of_the_process(mon
     warm.add(lambda start, stop: torch.rand(stop - start))
 
     def fill(in_memory: bool) -> tuple[RunningStats, int]:
+        _release_free_memory()
         before = _rss_bytes()
         stats = RunningStats(numel, in_memory=in_memory)
         for x in samples:
@@ -269,7 +309,7 @@ def test_running_statistics_on_disk_match_memory_and_stay_out_of_the_process(mon
         return stats, _rss_bytes() - before
 
     (on_disk, disk_growth), (in_memory, memory_growth) = fill(False), fill(True)
-    assert disk_growth < (8 << 20) < (24 << 20) < memory_growth
+    assert disk_growth < (8 << 20) < (24 << 20) < memory_growth, (disk_growth, memory_growth)
     stacked = torch.stack(samples).double()
     for k, want in enumerate((stacked.mean(0), stacked.var(0) * 2)):  # M2 = var * (n - 1)
         assert torch.equal(on_disk.region(k), in_memory.region(k))
@@ -290,16 +330,18 @@ def test_running_statistics_on_disk_match_memory_and_stay_out_of_the_process(mon
 
 
 # --- resuming ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["exact", "reference"])
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("killed_at", [3, 23, 37])  # before any checkpoint, burn-in, sampling
-def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at, device):
-    config = small_config()
+def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at, device, preset):
+    config = small_config(preset)
     whole = run(config, device=device)
     path = tmp_path / "ckpt.pt"
     data = tiny_data()
     with pytest.raises(Killed):
         sample_scales(tiny_net(), killed_after(data.train_epoch, killed_at), ce_loss, config,
-                      seed=3, device=device, checkpoint_path=path, progress=False)
+                      seed=3, device=device, checkpoint_path=path, progress=False,
+                      steps_per_epoch=5)
     assert path.exists() == (killed_at >= config.checkpoint_every)
     torch.manual_seed(12345)  # the global RNG state of the new process is whatever it is
     if device == "cuda":
@@ -314,6 +356,29 @@ def test_killed_and_resumed_run_gives_the_same_scale_file(tmp_path, killed_at, d
         write_scale_file(tmp_path / f"{out}.safetensors", result, config, seed=3, model_id="tiny")
     assert ((tmp_path / "a.safetensors").read_bytes()
             == (tmp_path / "b.safetensors").read_bytes())
+
+
+def test_killed_run_under_the_length_rule_resumes_to_the_same_stop(tmp_path):
+    config = small_config("reference", steps=0, min_steps=24, patience=2, eval_every=4)
+    whole = run(config, validate=val_score)
+    assert 24 < whole.steps < 200 and whole.best_val is not None
+    path = tmp_path / "ckpt.pt"
+    data = tiny_data()
+    with pytest.raises(Killed):
+        sample_scales(tiny_net(), killed_after(data.train_epoch, 23), ce_loss, config, seed=3,
+                      device="cpu", checkpoint_path=path, progress=False, steps_per_epoch=5,
+                      validate=val_score)
+    torch.manual_seed(12345)
+    resumed = run(config, checkpoint_path=path, validate=val_score)
+    assert (resumed.steps, resumed.n_samples, resumed.best_val) == (
+        whole.steps, whole.n_samples, whole.best_val)
+    assert all(torch.equal(resumed.mean[n], whole.mean[n]) for n in whole.mean)
+    again = run(config, checkpoint_path=path, data=_EmptyEpochs(), validate=val_score)
+    assert again.steps == whole.steps  # a stopped run's checkpoint needs no further batch
+    with pytest.raises(SamplerConfigError, match="steps per epoch"):
+        run(config, checkpoint_path=path, validate=val_score, steps_per_epoch=6)
+    with pytest.raises(SamplerConfigError, match="validation callback"):
+        run(config)
 
 
 def test_checkpoint_carries_the_statistics_in_one_file(tmp_path):
@@ -409,19 +474,78 @@ def test_nan_stops_the_run_naming_step_and_parameter(poison, name, what):
     ({"noise_discount": -0.5}, "noise_discount"),
     ({"variant": "hmc"}, "variant"),
     ({"variant": "sgld", "weight_decay": 0.01}, "weight_decay"),
+    ({"variant": "sgld", "schedule": "jiant"}, "schedule jiant"),
     ({"checkpoint_every": -1}, "checkpoint_every"),
+    ({"steps": 0}, "0 only with patience"),
+    ({"steps": 0, "patience": 2, "min_steps": 10}, "run of 11 steps"),
+    ({"schedule": "cosine"}, "schedule"),
+    ({"sample_rule": "ours"}, "sample_rule"),
+    ({"floor_gradient": "autograd"}, "floor_gradient"),
+    ({"schedule_warmup": 1.0}, "schedule_warmup"),
+    ({"eval_every": 0}, "eval_every"),
 ])
 def test_bad_config_is_refused_with_the_field_named(changes, message):
     with pytest.raises(SamplerConfigError, match=message):
         small_config(**changes)
 
 
-def test_defaults_are_the_paper_settings():
+def test_defaults_are_the_exact_preset_and_reference_is_the_authors_command():
     config = SamplerConfig()
+    assert config == sampler_config() == sampler_config("exact")
     assert (config.steps, config.warmup_steps, config.burnin_steps, config.thinning) == (
         20000, 10000, 12000, 100)
     assert config.n_samples == 80 and config.temperature == 1e12 and config.variant == "adamw"
+    assert config.fused_step and (config.schedule, config.patience) == ("constant", 0)
     assert all(f.metadata.get("help") for f in dataclasses.fields(SamplerConfig))
+    # the README's MRPC command: lr 1e-4 (10000 epochs, jiant's 10% warm-up), min 20000 steps,
+    # eval every 500, patience 40, alp 0.01, bet 100, lamb_init 1e-4, lr_others 1e-2, N 1e12,
+    # nd 1, burn-in 12000, thinning 100, warm-up 10000
+    ref = sampler_config("reference")
+    assert (ref.lr_theta, ref.schedule, ref.schedule_epochs, ref.schedule_warmup) == (
+        1e-4, "jiant", 10000, 0.1)
+    assert (ref.min_steps, ref.eval_every, ref.patience, ref.val_subset, ref.steps) == (
+        20000, 500, 40, 500, 0)
+    assert (ref.alpha, ref.beta, ref.lambda_init, ref.lr_lambda, ref.temperature) == (
+        0.01, 100.0, 1e-4, 1e-2, 1e12)
+    assert (ref.noise_discount, ref.burnin_steps, ref.thinning, ref.warmup_steps) == (
+        1.0, 12000, 100, 10000)
+    assert (ref.variant, ref.weight_decay, ref.floor_gradient, ref.sample_rule,
+            ref.no_grad_params, ref.grad_clip) == ("hf-adamw", 0.01, "clamped", "authors",
+                                                   "skip", 1.0)
+    assert not ref.fused_step and ref.shortest_run == 20001
+    cold = sampler_config("cold")
+    assert (cold.noise_discount, cold.lr_lambda) == (0.0, 1e-4) and cold.fused_step
+
+
+def test_explicit_settings_override_the_preset_and_the_file_records_both(tmp_path):
+    config = sampler_config("cold", lr_lambda=1e-3, steps=40, warmup_steps=8, burnin_steps=20,
+                            thinning=4)
+    assert (config.preset, config.noise_discount, config.lr_lambda) == ("cold", 0.0, 1e-3)
+    assert preset_overrides(config) == ["burnin_steps", "lr_lambda", "steps", "thinning",
+                                        "warmup_steps"]
+    with pytest.raises(SamplerConfigError, match="unknown sampler preset 'paper'"):
+        sampler_config("paper")
+    with pytest.raises(SamplerConfigError, match="unknown sampler setting"):
+        sampler_config("cold", lr=1e-3)
+    result = run(config)
+    write_scale_file(tmp_path / "s.safetensors", result, config, seed=3, model_id="tiny")
+    _, meta = files.load_scales(tmp_path / "s.safetensors")
+    assert meta["preset"] == "cold" and meta["overrides"] == preset_overrides(config)
+    assert (meta["noise_discount"], meta["lr_lambda"]) == (0.0, 1e-3)
+
+
+def test_command_line_flags_override_the_preset():
+    from bayestune.cli import build_parser, sampler_config_from_args
+
+    parser = build_parser()
+    common = ["sample", "--task", "cb", "--model", "m", "--out", "s.safetensors"]
+    args = parser.parse_args([*common, "--preset", "reference", "--min-steps", "30000",
+                              "--no-autocast"])
+    config = sampler_config_from_args(args)
+    assert config == sampler_config("reference", min_steps=30000, autocast=False)
+    assert sampler_config_from_args(parser.parse_args(common)) == SamplerConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--preset", "paper"])
 
 
 def test_cuda_without_gpu_is_a_clear_error():

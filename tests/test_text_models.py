@@ -170,3 +170,33 @@ def test_minilm_loads_pretrained_offline(minilm):
     batch["labels"] = torch.tensor([1])
     out = minilm.eval()(batch)
     assert out.logits.shape == (1, 2) and torch.isfinite(out.loss)
+
+
+def _family_configs():
+    from transformers import DebertaV2Config, DistilBertConfig, ElectraConfig
+
+    shape = {"vocab_size": VOCAB, "max_position_embeddings": 64}
+    return {
+        "deberta-v2": (DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, **shape),
+                       ("input_ids", "attention_mask"), 0.1),
+        "electra": (ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  classifier_dropout=0.3, **shape),
+                    ("input_ids", "attention_mask", "token_type_ids"), 0.3),
+        "distilbert": (DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **shape),
+                       ("input_ids", "attention_mask"), 0.2),  # its seq_classif_dropout
+    }
+
+
+@pytest.mark.parametrize("family", ["deberta-v2", "electra", "distilbert"])
+def test_other_families_take_what_they_use(family):
+    config, inputs, dropout = _family_configs()[family]
+    model = build_text_model_from_config(config, "classification", 3, seed=0)
+    assert model.input_names == inputs
+    assert model.head.dropout.p == pytest.approx(dropout)
+    batch = fake_batch("classification")
+    batch["token_type_ids"] = torch.ones_like(batch["input_ids"])  # as a BERT tokenizer gives
+    out = model(batch)
+    assert out.logits.shape == (3, 3) and torch.isfinite(out.loss)
+    out.loss.backward()

@@ -28,7 +28,7 @@ from bayestune.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: snakemake, dvc and bayestune live there
-WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".dvcignore",
+WORKFLOW_FILES = ["workflow", "config", "profiles", "dvc.yaml", ".dvcignore",
                   "tests/config"]
 GLUE_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
 ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "lt-sft", "fisher", "sam",
@@ -147,10 +147,16 @@ def test_paper_config_is_the_paper():
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     assert config["model"] == "roberta-base" and config["tasks"] == GLUE_TASKS
     assert 0.005 in config["budgets"] and set(config["methods"]) == ALL_METHODS
-    sampler = config["sampler"]
-    assert (sampler["steps"], sampler["warmup_steps"], sampler["burnin_steps"],
-            sampler["thinning"], sampler["temperature"]) == (20000, 10000, 12000, 100, 1e12)
-    assert config["finetune"]["lr"] == 1e-3 and config["max_length"] == 256
+    from bayestune.finetune import FinetuneConfig
+    from bayestune.sampler import sampler_config, sampler_config_from_section
+
+    assert sampler_config_from_section(config["sampler"]) == sampler_config(
+        "reference", checkpoint_every=config["sampler"]["checkpoint_every"])
+    finetune = FinetuneConfig(**{k: v for k, v in config["finetune"].items()
+                                 if k != "batch_size"})
+    assert (finetune.schedule, finetune.lr, finetune.min_steps, finetune.patience,
+            finetune.eval_every, finetune.val_subset) == ("reference", 1e-3, 20000, 40, 500, 500)
+    assert config["max_length"] == 256
 
 
 def test_paper_dry_run_job_counts(workdir, dry_run):
@@ -249,8 +255,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
     metrics.mkdir(parents=True)
     (metrics / "metrics.json").write_text("{}")
     (metrics / "delta.safetensors").write_text("")
-    targets = ["results/tiny/glue_table.csv",                       # report: no GPU
-               "results/tiny/scales/cb/seed0.safetensors",          # sample: GPU
+    targets = ["results/tiny/scales/cb/seed0.safetensors",          # sample: GPU
                "results/tiny/finetune/full/cb/all/seed1/metrics.json",  # finetune: GPU
                "results/tiny/masks/fisher/cb/seed0/p0.005.safetensors",  # gradient mask: GPU
                "results/tiny/masks/random/cb/seed0/p0.005.safetensors"]  # random mask: no GPU
@@ -262,7 +267,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
         text=True, start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
-        if sum(line.startswith("sbatch") for line in calls.read_text().splitlines()) >= 5:
+        if sum(line.startswith("sbatch") for line in calls.read_text().splitlines()) >= 4:
             break
         time.sleep(0.5)
     if proc.poll() is None:  # the fake jobs never finish: stop Snakemake once all are submitted
@@ -273,7 +278,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
         os.killpg(proc.pid, signal.SIGKILL)
         output = proc.communicate()[0]
     sbatch = [line for line in calls.read_text().splitlines() if line.startswith("sbatch")]
-    assert len(sbatch) == 5, output[-4000:]
+    assert len(sbatch) == 4, output[-4000:]
     by_rule = {}
     for line in sbatch:
         comment = re.search(r"--comment '?rule_([a-z_]+?)(?:_wildcards_(\S+?))?'?\s", line)
@@ -286,8 +291,8 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
         assert ("--gpus=1" in line) == wants_gpu, line
         assert "--gres" not in line
         # a rule's threads become its CPUs, whatever the machine that submits has
-        assert f"--cpus-per-task={4 if rule != 'report' else 1}" in line or "bitfit" in line, line
-    assert {rule for rule, _ in by_rule} == {"report", "sample", "finetune", "mask"}
+        assert "--cpus-per-task=4" in line or "bitfit" in line, line
+    assert {rule for rule, _ in by_rule} == {"sample", "finetune", "mask"}
 
 
 # --- end to end through DVC ----------------------------------------------------------------------

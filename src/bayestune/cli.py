@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -28,21 +29,26 @@ Config = TypeVar("Config")
 
 
 # --- flags generated from config dataclasses ------------------------------------------------
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", *,
+                     given_only: bool = False) -> None:
+    """One flag per field. With ``given_only`` a flag left out sets nothing on the namespace,
+    so that a preset can fill it (the help then names the ``exact`` default)."""
     group = parser.add_argument_group(f"{cls.__name__} options")
     for field in dataclasses.fields(cls):
         flag = "--" + (prefix + field.name).replace("_", "-")
         # A field whose default is None (unset: a preset or method default decides) names its
-        # type in the field metadata.
-        default = "" if field.default is None else f" (default: {field.default})"
-        help_text = field.metadata.get("help", "") + default
+        # type in the field metadata. With given_only a flag left out sets nothing.
+        default = argparse.SUPPRESS if given_only else field.default
+        shown = "preset's value; exact: " if given_only and field.name != "preset" else ""
+        help_text = field.metadata.get("help", "") + (
+            "" if field.default is None else f" (default: {shown}{field.default})")
         kind = field.metadata.get("type", type(field.default))
         if kind is bool:
-            group.add_argument(flag, dest=prefix + field.name, default=field.default,
+            group.add_argument(flag, dest=prefix + field.name, default=default,
                                action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(flag, dest=prefix + field.name, default=field.default,
-                               type=kind, help=help_text)
+            group.add_argument(flag, dest=prefix + field.name, default=default,
+                               type=kind, help=help_text, choices=field.metadata.get("choices"))
 
 
 def config_from_args(args: argparse.Namespace, cls: type[Config], prefix: str = "") -> Config:
@@ -66,36 +72,71 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+def _provenance(args: argparse.Namespace, config: object) -> dict:
+    """The provenance record of this command's outputs: ``config`` is what it ran with."""
+    from bayestune.models.base import resolve_device
+    from bayestune.provenance import collect
+
+    return collect(args.command, config, resolve_device(args.device))
+
+
 # --- subcommands ----------------------------------------------------------------------------
+def declared_tasks(args: argparse.Namespace) -> dict:
+    """The tasks of ``--task-file`` (none without one), by name."""
+    from bayestune.tasks.custom import read_task_file
+
+    return read_task_file(args.task_file) if args.task_file is not None else {}
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from bayestune.tasks import prepare_task
 
-    prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length)
+    prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length,
+                 custom_tasks=declared_tasks(args))
 
 
 def _model_and_data(args: argparse.Namespace):
     from bayestune.tasks import build_task_model, get_task, load_task_data
 
-    spec = get_task(args.task)
-    model = build_task_model(args.task, args.model, args.seed)
-    data = load_task_data(args.task, args.data, args.batch_size, args.seed, args.eval_batch_size)
+    declared = declared_tasks(args)
+    spec = get_task(args.task, declared)
+    model = build_task_model(args.task, args.model, args.seed, declared)
+    data = load_task_data(args.task, args.data, args.batch_size, args.seed, args.eval_batch_size,
+                          declared)
     return spec, model, data
+
+
+def sampler_config_from_args(args: argparse.Namespace):
+    """The preset (``--preset``, default exact) with the sampler flags given on top."""
+    from bayestune.sampler import SamplerConfig, sampler_config
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)
+             if hasattr(args, f.name)}
+    return sampler_config(**given)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from bayestune import files
-    from bayestune.models.base import task_loss
-    from bayestune.sampler import SamplerConfig, sample_scales, write_scale_file
+    from bayestune.finetune import val_scorer
+    from bayestune.models.base import resolve_device, task_loss
+    from bayestune.sampler import sample_scales, write_scale_file
     from bayestune.scale_checks import weight_scale
 
-    config = config_from_args(args, SamplerConfig)
-    _, model, data = _model_and_data(args)
+    config = sampler_config_from_args(args)
+    spec, model, data = _model_and_data(args)
     largest_weight = weight_scale(model)  # before sampling moves theta away from theta0
+    # What the task gives the sampler: the epoch's length (jiant schedule) and a validation
+    # score on the first val_subset examples (the length rule).
+    validate = (val_scorer(data, spec, config.val_subset, resolve_device(args.device))
+                if config.patience > 0 else None)
     result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
                            device=args.device, checkpoint_path=args.checkpoint,
-                           progress=not args.quiet)
+                           progress=not args.quiet, steps_per_epoch=len(data.train),
+                           validate=validate)
     _check_scales(args, config, result.mean, largest_weight)
-    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id)
+    run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
+    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
+                     provenance=run)
     if args.checkpoint is not None:
         # The scale file is the product; a finished run's checkpoint is only dead weight.
         files.remove_output(args.checkpoint)
@@ -134,37 +175,43 @@ def cmd_mask(args: argparse.Namespace) -> None:
         select_masks,
     )
     from bayestune.models.base import resolve_device, task_loss
+    from bayestune.provenance import upstream
     from bayestune.tasks import build_task_model, load_task_data
 
     config = config_from_args(args, MethodConfig)
-    model = build_task_model(args.task, args.model, args.seed)
+    declared = declared_tasks(args)
+    model = build_task_model(args.task, args.model, args.seed, declared)
     model.to(resolve_device(args.device))  # the gradient methods' passes run where it sits
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    scores = None
+    scores, chain = None, {}
     if args.scores is not None:
         scores, score_meta = files.load_scores(args.scores)
         files.check_matches_model(scores, shapes, args.scores, "score")
         check_made_for(score_meta, args.scores, "score", model=model.model_id)
+        chain = upstream(score_meta, "scales")
     batches = None
     if args.data is not None:
         batches = load_task_data(args.task, args.data, args.batch_size, args.seed,
-                                 args.eval_batch_size).train_epoch
+                                 args.eval_batch_size, declared).train_epoch
     masks = select_masks(args.method, model, batches, task_loss, args.budgets, args.seed, config,
                          scores=scores)
     for budget, mask in masks.items():  # here, not when fine-tuning finds nothing to train
         check_selects_some(mask, budget, per_tensor=config.per_tensor)
     options = ranking_options(args.method, config)
     run = {"task": args.task, "seed": args.seed, "model": model.model_id}
+    made_by = _provenance(args, {"method": args.method, "mask": config,
+                                 "batch_size": args.batch_size})
     out_dir = Path(args.out_dir)
     for budget, mask in masks.items():
         meta = mask_metadata(mask, budget, method=args.method, **options, **run,
                              published_as=published_label(args.method, options),
                              start=masks.start is not None, **method_settings(config))
-        files.save_mask(out_dir / mask_file_name(budget), mask, meta)
+        files.save_mask(out_dir / mask_file_name(budget), mask, {**meta, "upstream": chain},
+                        made_by)
     if masks.start is not None:
         files.save_model_state(args.start_out or out_dir / START_FILE_NAME, masks.start,
                                {"method": args.method, "start_of": "stage 2", **run,
-                                **method_settings(config)})
+                                **method_settings(config), "upstream": chain}, made_by)
 
 
 def _load_start(path: Path, model, args: argparse.Namespace) -> dict:
@@ -206,6 +253,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from bayestune.file_origin import check_made_for
     from bayestune.finetune import FinetuneConfig, finetune
     from bayestune.masks import mask_fraction
+    from bayestune.provenance import upstream
 
     if args.mask is not None and args.method is not None:
         raise ConfigError(f"--mask and --method {args.method} both given: a mask run trains the "
@@ -213,13 +261,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     config = config_from_args(args, FinetuneConfig)
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask, mask_meta, method = None, None, args.method or "full"
+    mask, mask_meta, method, chain = None, None, args.method or "full", {}
     budget = method
     if args.mask is not None:
         mask, mask_meta = files.load_mask(args.mask)
         files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
         check_made_for(mask_meta, args.mask, "mask", task=args.task, model=model.model_id)
         method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
+        chain = upstream(mask_meta, "mask")
         if mask_meta.get("start") and args.start is None:
             raise ConfigError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
                               "goes on from those weights; pass --start with the start file its "
@@ -239,9 +288,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         model = merge_lora(trained)
     out_dir = Path(args.out_dir)
     delta = make_delta(model.cpu(), theta0)
+    made_by = _provenance(args, {"method": method, "finetune": settings,
+                                 **({"lora": dataclasses.asdict(lora)} if lora else {})})
     files.save_delta(out_dir / "delta.safetensors", delta,
                      {"task": args.task, "model": model.model_id, "seed": args.seed,
-                      "method": method, "budget": budget})
+                      "method": method, "budget": budget, "upstream": chain}, made_by)
     # With a start, every scalar the start moved is trained as much as the masked ones: the
     # trainable fraction counts both, and the changed fraction says what differs from theta0.
     changed = sum(int((p.detach() != theta0[n].to(p.device)).sum())
@@ -263,7 +314,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "history": convergence.history_records(result.history),
         "stop_reason": convergence.stop_reason(result.history, result.best_step, config.patience),
         "finetune": settings, **({"lora": dataclasses.asdict(lora)} if lora else {}),
-    })
+        "upstream": chain,
+    }, provenance=made_by)
     log.info("%s %s: test %s = %.4f", args.task, method, spec.metric_name, result.test_score)
 
 
@@ -276,7 +328,8 @@ def cmd_apply_delta(args: argparse.Namespace) -> None:
     delta, meta = files.load_delta(args.delta)
     # The delta holds only the scalars that changed: a frozen head must be rebuilt from the
     # run's own seed, or the model silently gets another head.
-    model = build_task_model(args.task, args.model, recorded_seed(meta, args.delta, args.seed))
+    model = build_task_model(args.task, args.model, recorded_seed(meta, args.delta, args.seed),
+                             declared_tasks(args))
     check_made_for(meta, args.delta, "delta", task=args.task, model=model.model_id)
     apply_delta(model, delta, source=str(args.delta))
     files.save_model_state(args.out, model.state_dict(), {**meta, "delta": str(args.delta)})
@@ -288,6 +341,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     scores = reports.collect_scores(args.metrics)
     reports.write_tables(scores, args.out_dir, args.benchmark, args.model,
                          reference=args.reference, main_budget=format(args.main_budget, "g"))
+    reports.write_provenance(args.metrics, args.out_dir, args.benchmark)
+    reports.write_table_html(args.out_dir, args.benchmark)
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -329,9 +384,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 # --- parser ---------------------------------------------------------------------------------
+def _task_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True,
+                        help="task name: built in (cola, vtab-cifar, ...) or declared in "
+                             "--task-file")
+    parser.add_argument("--task-file", type=Path, default=None,
+                        help="YAML with a top-level custom_tasks: mapping that declares tasks "
+                             "(a run config that declares them will do)")
+
+
 def _common(parser: argparse.ArgumentParser, *, data: bool = True, seed_default: int | None = 0,
             seed_help: str = "seed of the head and data order") -> None:
-    parser.add_argument("--task", required=True, help="task name, e.g. cola or vtab-cifar")
+    _task_flags(parser)
     parser.add_argument("--model", required=True,
                         help="Hugging Face name or local path (roberta-base, all-MiniLM-L6-v2) "
                              "or timm model name")
@@ -344,8 +408,12 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, seed_default:
         parser.add_argument("--gpu-slots", type=Path, default=None,
                             help="folder of GPU slot locks shared by a run's jobs: with several "
                                  "GPUs visible, auto and cuda take a free slot's GPU")
-        parser.add_argument("--jobs-per-gpu", type=int, default=1,
-                            help="with --gpu-slots: jobs that may share one GPU")
+        # From the environment too: the workflow sets it outside the rules' commands, so that
+        # changing it reruns nothing.
+        parser.add_argument("--jobs-per-gpu", type=int,
+                            default=int(os.environ.get("BAYESTUNE_JOBS_PER_GPU") or 1),
+                            help="with --gpu-slots: jobs that may share one GPU (default from "
+                                 "$BAYESTUNE_JOBS_PER_GPU, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,15 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="bayestune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bayestune {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # The workflow switches progress bars with the environment, not a flag: a flag in the
+    # rules' commands would rerun every job when config key `progress` changes.
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=os.environ.get("BAYESTUNE_QUIET", "") not in ("", "0"),
+                        help="no progress bars (default from $BAYESTUNE_QUIET)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read, check and tokenise a task's splits")
-    p.add_argument("--task", required=True)
+    _task_flags(p)
     p.add_argument("--model", required=True, help="model whose tokenizer/preprocessing to use")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="local task data (default: $BAYESTUNE_GLUE_DIR / $BAYESTUNE_VTAB_DIR)")
+                   help="local data of a built-in task (default: $BAYESTUNE_GLUE_DIR / "
+                        "$BAYESTUNE_VTAB_DIR); a declared task names its own")
     p.add_argument("--max-length", type=int, default=128)
     p.set_defaults(func=cmd_prepare)
 
@@ -375,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-degenerate-scales", action="store_true",
                    help="write the scale file even when the scales are degenerate (NaN, far "
                         "above any plausible size, or all equal), which otherwise fails the job")
-    add_config_flags(p, SamplerConfig)
+    add_config_flags(p, SamplerConfig, given_only=True)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("mask", help="masks at several budgets from a selection method")

@@ -2,7 +2,10 @@
 
 Tensor files are safetensors; their run information is JSON stored under the metadata key
 ``bayestune`` (safetensors metadata only holds strings). Every writer goes through
-:func:`atomic_output`, so a killed job never leaves a half-written file behind.
+:func:`atomic_output`, so a killed job never leaves a half-written file behind. Every tensor
+file, and each JSON record given one, carries a provenance record under ``provenance``
+(:mod:`bayestune.provenance`: code, lock, software, config, device); callers that know the
+command, its settings and the device pass it, the rest get the code and software part.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from bayestune import __version__
 from bayestune.errors import DataError, MissingFileError
+from bayestune.provenance import collect as collect_provenance
 
 METADATA_KEY = "bayestune"
+PROVENANCE_KEY = "provenance"
+Provenance = Mapping[str, Any]
 PathLike = str | os.PathLike[str]
 Tensors = Mapping[str, torch.Tensor]
 
@@ -116,8 +122,10 @@ def remove_output(path: PathLike) -> None:
     remove_stale_temporaries(path)
 
 
-def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], kind: str, meta: dict) -> None:
-    info = {**meta, "kind": kind, "bayestune_version": __version__}  # what this file is wins
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], kind: str, meta: dict,
+                  run: Provenance | None = None) -> None:
+    info = {**meta, "kind": kind, "bayestune_version": __version__,  # the writer says what it is
+            PROVENANCE_KEY: dict(run) if run is not None else collect_provenance()}
     plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_output(path) as tmp:
         save_file(plain, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
@@ -173,8 +181,9 @@ def check_matches_model(
 
 
 # --- scale file: posterior-mean lambda per parameter tensor ---------------------------------
-def save_scales(path: PathLike, scales: Tensors, meta: dict) -> None:
-    _save_tensors(Path(path), scales, "scales", meta)
+def save_scales(path: PathLike, scales: Tensors, meta: dict,
+                provenance: Provenance | None = None) -> None:
+    _save_tensors(Path(path), scales, "scales", meta, provenance)
 
 
 def load_scales(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -230,7 +239,8 @@ def _packed_bytes(numel: int) -> int:
     return (numel + 7) // 8
 
 
-def save_mask(path: PathLike, mask: Mapping[str, torch.Tensor], meta: dict) -> None:
+def save_mask(path: PathLike, mask: Mapping[str, torch.Tensor], meta: dict,
+              provenance: Provenance | None = None) -> None:
     tensors, shapes = {}, {}
     for name, tensor in mask.items():
         flat = tensor.detach().reshape(-1).cpu().bool()
@@ -242,7 +252,7 @@ def save_mask(path: PathLike, mask: Mapping[str, torch.Tensor], meta: dict) -> N
             indices = torch.nonzero(flat).squeeze(1)
             tensors[f"{name}::indices"] = indices.to(index_dtype(flat.numel()))
     _save_tensors(Path(path), tensors, "mask",
-                  {**meta, "format_version": MASK_FORMAT, "shapes": shapes})
+                  {**meta, "format_version": MASK_FORMAT, "shapes": shapes}, provenance)
 
 
 def load_mask(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -321,6 +331,7 @@ def save_delta(
     path: PathLike,
     delta: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]],
     meta: dict,
+    provenance: Provenance | None = None,
 ) -> None:
     """``delta``: name -> (flat indices, values), or (None, every value) for a dense entry."""
     flat = {}
@@ -330,7 +341,7 @@ def save_delta(
             flat[f"{name}::indices"] = indices.to(index_dtype(top))
         flat[f"{name}::values"] = values.reshape(-1)
     _save_tensors(Path(path), flat, "delta",
-                  {**meta, "values": "finetuned", "format_version": DELTA_FORMAT})
+                  {**meta, "values": "finetuned", "format_version": DELTA_FORMAT}, provenance)
 
 
 def load_delta(path: PathLike) -> tuple[dict[str, tuple[torch.Tensor | None, torch.Tensor]], dict]:
@@ -351,7 +362,12 @@ def load_delta(path: PathLike) -> tuple[dict[str, tuple[torch.Tensor | None, tor
 
 
 # --- JSON records: metrics of a run, benchmark numbers --------------------------------------
-def write_json(path: PathLike, record: Mapping[str, Any]) -> None:
+def write_json(path: PathLike, record: Mapping[str, Any],
+               provenance: Provenance | None = None) -> None:
+    """Write ``record``; with ``provenance`` (a run's record, e.g. metrics.json), under
+    ``provenance``."""
+    if provenance is not None:
+        record = {**record, PROVENANCE_KEY: dict(provenance)}
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -450,8 +466,9 @@ def load_checkpoint(path: PathLike) -> dict[str, Any] | None:
 
 
 # --- model weights: a full state dict (base model + delta applied) --------------------------
-def save_model_state(path: PathLike, state: Tensors, meta: dict) -> None:
-    _save_tensors(Path(path), state, "model", meta)
+def save_model_state(path: PathLike, state: Tensors, meta: dict,
+                     provenance: Provenance | None = None) -> None:
+    _save_tensors(Path(path), state, "model", meta, provenance)
 
 
 def load_model_state(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:

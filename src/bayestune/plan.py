@@ -198,9 +198,13 @@ def step_costs(costs: dict, model: str, device: str, n_scalars: int) -> StepCost
 def job_steps(args: Namespace) -> list[tuple[str, int]]:
     """(kind of step, steps) that one bayestune command runs."""
     if args.command == "sample":
-        return [("stage1", args.steps)]
+        from bayestune.cli import sampler_config_from_args
+
+        config = sampler_config_from_args(args)  # the preset with the flags on top
+        return [("stage1", config.steps if config.patience == 0 else config.shortest_run)]
     if args.command == "finetune":
-        return [("stage2" if args.mask is not None else "adamw", args.max_steps)]
+        steps = args.max_steps or args.min_steps + 1  # no cap: the least the run can take
+        return [("stage2" if args.mask is not None else "adamw", steps)]
     if args.command == "mask" and args.method in SCORING_STEPS:
         option, passes = SCORING_STEPS[args.method]
         return [("adamw", getattr(args, option) * passes)]
@@ -329,9 +333,9 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     from bayestune.cli import build_parser
 
     root = Path(root).resolve()
-    if not (root / "Snakefile").is_file():
-        raise PlanError(f"no Snakefile in {root}: run bayestune plan from the repository root "
-                        "(or give --directory)")
+    if not any((root / name).is_file() for name in ("Snakefile", "workflow/Snakefile")):
+        raise PlanError(f"no Snakefile in {root} or its workflow/: run bayestune plan from the "
+                        "repository root (or give --directory)")
     if not Path(root, configfile).is_file():
         raise PlanError(f"{configfile}: no such config file (paths are relative to {root})")
     config = read_config(root, configfile)
@@ -421,8 +425,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"stage 1 scratch per running sample job: checkpoint up to "
                      f"{human_bytes(plan.checkpoint_bytes)} (removed at the end), running "
                      f"statistics {human_bytes(plan.running_stats_bytes)} in the temporary folder")
-    lines.append("not counted: evaluation passes, early stopping (max_steps is an upper bound), "
-                 "logs; LoRA counted as AdamW steps")
+    lines.append("not counted: evaluation passes, early stopping (max_steps is an upper bound; "
+                 "a run stopped by early stopping alone, as the reference preset and schedule, "
+                 "is counted at its least length, min_steps + 1), logs; LoRA counted as AdamW "
+                 "steps")
     if plan.device == "cuda":
         lines.append(f"local run on a machine with G GPUs: snakemake --cores all --resources "
                      f"gpu=<G x {plan.jobs_per_gpu}> (jobs_per_gpu {plan.jobs_per_gpu})")

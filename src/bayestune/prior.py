@@ -1,16 +1,19 @@
 """The BayesTune prior: Laplace(theta0, lambda) on each scalar, Gamma(alpha, beta) on lambda.
 
-Everything here is the *tempered negative log-prior* of ALGORITHM.md, i.e. divided by the
+Everything here is the *tempered negative log-prior* of BayesTune, i.e. divided by the
 effective data size N (``temperature``) and with constants dropped::
 
     U_prior = (1/N) sum_i [ |theta_i - theta0_i| / lam_i + log lam_i
                             - (alpha - 1) log lam_i + beta lam_i ]
 
-where ``lam_i = max(lambda_i, floor)``. The gradients are the exact gradients of that function
-(what autograd gives): U does not depend on lambda at or below the floor, so dU/dlambda = 0
-there and only the noise moves lambda back up. The reference code instead evaluates the formula
-at the floor, where |theta - theta0| / lam^2 is 1e16 |theta - theta0|: one such kick swamps
-Adam's second moment and freezes that lambda (and its theta) for thousands of steps.
+where ``lam_i = max(lambda_i, floor)``. Two gradients in lambda are offered
+(``floor_gradient``):
+
+* ``"zero"``: the exact gradient of that function (what autograd gives). U does not depend on
+  lambda at or below the floor, so dU/dlambda = 0 there and only the noise moves lambda back up.
+* ``"clamped"``: the authors' code, which evaluates the formula at the clamped value. At the
+  floor |theta - theta0| / lam^2 is 1e16 |theta - theta0|: one such kick swamps Adam's second
+  moment and freezes that lambda (and its theta) for thousands of steps.
 
 Two forms of the same maths: per-tensor methods (readable; the tests check them against
 autograd) and :meth:`LaplaceGammaPrior.add_grads_`, which takes whole lists of tensors (the
@@ -28,6 +31,8 @@ from torch import Tensor
 
 from bayestune.errors import ConfigError
 
+FLOOR_GRADIENTS = ("zero", "clamped")
+
 
 @dataclass(frozen=True)
 class LaplaceGammaPrior:
@@ -35,11 +40,15 @@ class LaplaceGammaPrior:
     beta: float = 100.0        # Gamma rate of the hyper-prior on lambda
     temperature: float = 1e12  # N: the prior is divided by it
     floor: float = 1e-8        # lambda is used as max(lambda, floor)
+    floor_gradient: str = "zero"  # dU/dlambda at or below the floor: "zero" or "clamped"
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "temperature", "floor"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"prior {name} must be > 0, got {getattr(self, name)}")
+        if self.floor_gradient not in FLOOR_GRADIENTS:
+            raise ConfigError(f"prior floor_gradient {self.floor_gradient!r} is not one of "
+                              f"{', '.join(FLOOR_GRADIENTS)}")
 
     def scale(self, lam: Tensor) -> Tensor:
         """The value of lambda actually used: max(lambda, floor)."""
@@ -60,12 +69,13 @@ class LaplaceGammaPrior:
 
     def grad_lambda(self, theta: Tensor, theta0: Tensor, lam: Tensor) -> Tensor:
         """dU_prior/dlambda = (1/N) [(2 - alpha)/lam - |theta - theta0|/lam^2 + beta] above the
-        floor, 0 at and below it (U is flat in lambda there; autograd through clamp agrees)."""
+        floor; at and below it 0 (U is flat in lambda there; autograd through clamp agrees), or
+        with ``floor_gradient="clamped"`` the same formula at lam = floor."""
         above = lam > self.floor
         lam = self.scale(lam)
         dist = (theta - theta0).abs()
         grad = ((2.0 - self.alpha) / lam - dist / lam.square() + self.beta) / self.temperature
-        return grad * above
+        return grad if self.floor_gradient == "clamped" else grad * above
 
     # --- fused: lists of tensors, one multi-tensor op per pass -------------------------------
     @torch.no_grad()
@@ -90,19 +100,24 @@ class LaplaceGammaPrior:
         scratch = torch._foreach_sign(diff)
         torch._foreach_mul_(scratch, inv)
         torch._foreach_add_(theta_grads, scratch, alpha=1.0 / n)
-        # gate: 1 where lam > floor, else 0 (U is flat in lambda there, as autograd says)
-        torch._foreach_copy_(scratch, lams)
-        torch._foreach_sub_(scratch, floor)
-        torch._foreach_sign_(scratch)
-        torch._foreach_clamp_min_(scratch, 0.0)
-        torch._foreach_mul_(inv, scratch)                    # zero inv gates all three terms
-        # dU/dlam = -(1/N) inv (|d| inv - (2 - alpha) - beta lam)
+        if self.floor_gradient == "zero":
+            # gate: 1 where lam > floor, else 0 (U is flat in lambda there, as autograd says)
+            torch._foreach_copy_(scratch, lams)
+            torch._foreach_sub_(scratch, floor)
+            torch._foreach_sign_(scratch)
+            torch._foreach_clamp_min_(scratch, 0.0)
+            torch._foreach_mul_(inv, scratch)                # zero inv gates all three terms
+        # dU/dlam = -(1/N) inv (|d| inv - (2 - alpha) - beta lam): beta lam inv is beta above
+        # the floor and 0 where the gate zeroed inv; clamped, beta is added as it is
         torch._foreach_abs_(diff)
         torch._foreach_mul_(diff, inv)
-        torch._foreach_add_(diff, lams, alpha=-self.beta)
+        if self.floor_gradient == "zero":
+            torch._foreach_add_(diff, lams, alpha=-self.beta)
         torch._foreach_add_(diff, -(2.0 - self.alpha))
         torch._foreach_mul_(diff, inv)
         torch._foreach_mul_(diff, -1.0 / n)
+        if self.floor_gradient == "clamped":
+            torch._foreach_add_(diff, self.beta / n)
         return diff
 
 

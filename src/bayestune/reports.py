@@ -50,7 +50,7 @@ FIXED_METHODS = frozenset(name for name, spec in REGISTRY.items() if spec.kind !
 
 # Published scores at budget 0.5% for RoBERTa-base, mean of 10 seeds, x100 (the SAM paper:
 # Fu et al., "On the Effectiveness of Parameter-Efficient Fine-Tuning", AAAI 2023, Table 2;
-# copied from docs/BENCHMARK.md). Columns: cola, stsb, mrpc, rte, cb, copa, wsc.
+# as BayesTune reprints them). Columns: cola, stsb, mrpc, rte, cb, copa, wsc.
 PUBLISHED_GLUE: dict[str, tuple[float, ...]] = {  # the seven tasks, then the published AVG
     "full fine-tuning": (58.36, 89.80, 89.55, 76.03, 88.93, 67.70, 53.10, 74.78),
     "random mask": (58.35, 89.81, 88.73, 72.71, 90.54, 68.80, 52.88, 74.55),
@@ -180,8 +180,8 @@ def published_rows(model: str, tasks: Sequence[str] = GLUE_TASKS,
     ``avg`` is the published AVG when ``tasks`` are all seven, else the mean over ``tasks``,
     so that it compares with the average of a run that covers only those tasks.
     """
-    if not is_published_model(model):
-        return pd.DataFrame()
+    if not is_published_model(model) or not set(tasks) & set(GLUE_TASKS):
+        return pd.DataFrame()  # none of the seven (e.g. only declared tasks): nothing to compare
     wanted = [label for label in PUBLISHED_GLUE if label not in NOT_RUN] if labels is None \
         else list(labels)
     rows = []
@@ -731,3 +731,111 @@ def _write_val_curves(metrics: Sequence[PathLike], out_dir: Path) -> list[Path]:
         written.append(plot_val_curves(histories[histories["task"] == task],
                                        out_dir / f"val_curves{suffix}.png", title=task))
     return written
+
+
+# --- provenance ---------------------------------------------------------------------------------
+PROVENANCE_FIELDS = ("command", "bayestune_version", "git_commit", "git_dirty", "code_sha256",
+                     "lock_sha256", "python", "torch", "transformers", "device", "config_sha256")
+# What must agree across a table: the commit and the software. (The code hash differs between
+# commands by design and is compared per stage; config and device may differ on purpose.)
+_SOURCE_AND_SOFTWARE = ("bayestune_version", "git_commit", "git_dirty", "lock_sha256", "python",
+                        "torch", "transformers")
+_RUN = ["method", "budget", "task", "seed"]
+
+
+def collect_provenance(paths: Iterable[PathLike]) -> pd.DataFrame:
+    """One row per (fine-tuning run, stage): the run's own provenance record (stage
+    ``finetune``) and those of the mask and scale file it was made from, as metrics.json
+    keeps them. A run that recorded none gives one row with the fields empty."""
+    rows = []
+    for path in paths:
+        record = files.read_json(path)
+        run = {"method": str(record.get("method")),
+               "budget": budget_label(record.get("budget"), str(record.get("method"))),
+               "task": str(record.get("task")), "seed": record.get("seed")}
+        chain = {"finetune": record.get(files.PROVENANCE_KEY), **(record.get("upstream") or {})}
+        recorded = {stage: p for stage, p in chain.items() if p}
+        for stage, prov in (recorded or {"finetune": {}}).items():
+            rows.append({**run, "stage": stage, **{f: prov.get(f) for f in PROVENANCE_FIELDS}})
+    return pd.DataFrame(rows, columns=_RUN + ["stage", *PROVENANCE_FIELDS])
+
+
+def provenance_problems(prov: pd.DataFrame) -> list[str]:
+    """Why the runs of one table may not be comparable: mixed commits or software, different
+    code for one stage, or runs that recorded nothing. Empty when they agree."""
+    problems = []
+    missing = prov[prov["git_commit"].isna() & prov["python"].isna()]
+    if len(missing):
+        problems.append(f"{len(missing.drop_duplicates(_RUN))} run(s) record no provenance "
+                        "(written before it was recorded)")
+    known = prov.drop(missing.index).fillna("-").astype(str)
+    groups = known.drop_duplicates(list(_SOURCE_AND_SOFTWARE))
+    if len(groups) > 1:
+        commits = sorted({c[:10] for c in groups["git_commit"]})
+        problems.append(f"{len(groups)} different commits or environments (commits "
+                        f"{', '.join(commits)}; see <benchmark>_provenance.csv)")
+    for stage, rows in known.groupby("stage"):
+        if rows["code_sha256"].nunique() > 1:
+            problems.append(f"{rows['code_sha256'].nunique()} different versions of the "
+                            f"{stage} code")
+    return problems
+
+
+def _provenance_markdown(prov: pd.DataFrame, problems: Sequence[str]) -> str:
+    known = prov.fillna("-").astype(str)
+    rows = []
+    for key, group in known.groupby(list(_SOURCE_AND_SOFTWARE), sort=False):
+        values = dict(zip(_SOURCE_AND_SOFTWARE, key, strict=True))
+        rows.append({"commit": values["git_commit"][:10],
+                     "uncommitted changes": {"True": "yes", "False": "no"}.get(
+                         values["git_dirty"], "-"),
+                     "lock": values["lock_sha256"][:10], "python": values["python"],
+                     "torch": values["torch"], "transformers": values["transformers"],
+                     "devices": ", ".join(sorted(set(group["device"]))),
+                     "stages": ", ".join(sorted(set(group["stage"]))),
+                     "runs": str(len(group.drop_duplicates(_RUN)))})
+    text = "\n## Provenance\n\n" + pd.DataFrame(rows).to_markdown(
+        index=False, disable_numparse=True) + "\n"
+    for problem in problems:
+        text += (f"\n**Warning:** this table mixes runs: {problem}. Rerun the workflow to "
+                 "rebuild the stale ones.\n")
+    return text
+
+
+def write_provenance(metrics: Iterable[PathLike], out_dir: PathLike, benchmark: str) -> Path:
+    """Write ``<benchmark>_provenance.csv`` (every run and stage) into ``out_dir``; append a
+    provenance table, and a warning when the runs mix code or software, to
+    ``<benchmark>_table.md`` (written first by :func:`write_tables`)."""
+    import logging
+
+    out_dir = Path(out_dir)
+    prov = collect_provenance(metrics)
+    problems = provenance_problems(prov)
+    for problem in problems:
+        logging.getLogger("bayestune").warning("%s_table mixes runs: %s", benchmark, problem)
+    path = out_dir / f"{benchmark}_provenance.csv"
+    with files.atomic_output(path) as tmp:
+        prov.to_csv(tmp, index=False)
+    table = out_dir / f"{benchmark}_table.md"
+    text = table.read_text() if table.is_file() else ""
+    with files.atomic_output(table) as tmp:
+        tmp.write_text(text + _provenance_markdown(prov, problems))
+    return path
+
+
+def write_table_html(out_dir: PathLike, benchmark: str) -> Path:
+    """``<benchmark>_table.html``: the Markdown table (scores, provenance, warnings) as HTML,
+    the form in which ``snakemake --report`` shows a table on its page (CSV files it only
+    offers as downloads)."""
+    from markdown_it import MarkdownIt
+
+    out_dir = Path(out_dir)
+    text = (out_dir / f"{benchmark}_table.md").read_text()
+    body = MarkdownIt("commonmark").enable("table").render(text)
+    style = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+             "th,td{border:1px solid #ccc;padding:2px 8px;text-align:right}")
+    path = out_dir / f"{benchmark}_table.html"
+    with files.atomic_output(path) as tmp:
+        tmp.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{style}"
+                       f"</style></head><body>{body}</body></html>\n")
+    return path

@@ -1,21 +1,30 @@
 """Stage 1 of BayesTune: SGLD on (theta, lambda), posterior mean of the scales lambda.
 
-Phases, in optimiser steps s = 0, 1, ... (ALGORITHM.md):
+Phases, in optimiser steps s = 0, 1, ... (docs/ALGORITHM.md):
 
 * ``s < warmup_steps``: plain fine-tuning of theta; no prior, no noise, lambda fixed.
 * ``s >= warmup_steps``: SGLD on (theta, lambda). The noisy gradient of
-  U = L + U_prior is ``grad + sqrt(2 / (N eta)) * xi``; ``variant="adamw"`` (the reference)
-  hands it to AdamW (theta) and Adam (lambda), ``variant="sgld"`` takes a plain step
-  ``x <- x - eta * grad``.
+  U = L + U_prior is ``grad + sqrt(2 / (N eta)) * xi``; ``variant="adamw"`` hands it to AdamW
+  (theta) and Adam (lambda), ``"hf-adamw"`` to the authors' transformers AdamW instead,
+  ``"sgld"`` takes a plain step ``x <- x - eta * grad``.
 * ``s >= burnin_steps`` and ``(s - burnin_steps) % thinning == 0``: after the update,
   max(lambda, floor) enters a running mean and variance (Welford, each sample once; off the
-  GPU they live in a scratch file, see :class:`RunningStats`).
+  GPU they live in a scratch file, see :class:`RunningStats`). ``sample_rule="authors"``
+  counts as the authors' code does instead (see :class:`SamplerConfig`).
 
-The hot path works on whole lists of tensors (``torch._foreach_*``, fused optimisers): theta0
-and lambda are flat buffers cut into pieces (``prior.FlatLayout``), the parameters and their
-gradients are cut the same way, and the noise comes from one generator. No step loops over
-parameters in Python. The sampler knows nothing of tasks: it sees a model, a batch stream and
-a loss function.
+Named presets (:data:`PRESETS`, :func:`sampler_config`) bundle the settings: ``exact`` (the
+maths above with constant rates), ``cold`` (no noise, for short chains) and ``reference`` (the
+authors' code step for step, with its schedule and its early-stopping length rule).
+
+Two implementations of a step. The fused one (``exact``, ``cold``) works on whole lists of
+tensors (``torch._foreach_*``, fused optimisers): theta0 and lambda are flat buffers cut into
+pieces (``prior.FlatLayout``), the parameters and their gradients are cut the same way, and the
+noise comes from one generator; no step loops over parameters in Python. The per-tensor one
+(anything the fused step does not offer: the authors' optimiser, schedule or bookkeeping) goes
+parameter by parameter as the authors' code does, and draws its noise through a replaceable
+function, so that a test can feed the same draws to a transcription of their equations. The
+sampler knows nothing of tasks: it sees a model, a batch stream, a loss function and, for the
+length rule, a validation callback.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,18 +46,46 @@ from tqdm.auto import tqdm
 from bayestune import files
 from bayestune.errors import ConfigError, DataError, RunFailedError
 from bayestune.models.base import move_batch, resolve_device
-from bayestune.prior import FlatLayout, LaplaceGammaPrior
+from bayestune.optim import (
+    LengthRule,
+    TransformersAdamW,
+    jiant_schedule,
+    no_decay_names,
+    schedule_length,
+)
+from bayestune.prior import FLOOR_GRADIENTS, FlatLayout, LaplaceGammaPrior
 from bayestune.running_stats import RunningStats
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("adamw", "sgld")
+VARIANTS = ("adamw", "hf-adamw", "sgld")
+SCHEDULES = ("constant", "jiant")
+SAMPLE_RULES = ("after-update", "authors")
+NO_GRAD_RULES = ("prior", "skip")
 # On the CPU the update runs block by block over pieces of the parameters, so that a block's
 # arrays stay in cache through all the ops; a GPU takes whole tensors in one multi-tensor op.
 CPU_PIECE, CPU_BLOCK = 1 << 16, 1 << 17
-CHECKPOINT_VERSION = 2  # 2: the running statistics are checkpoint attachments
+CHECKPOINT_VERSION = 3  # 3: schedule, length rule and steps per epoch in the state
 # Fields that do not change the samples: a checkpoint may be resumed with other values.
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
+# What each preset changes from the dataclass defaults (which are ``exact``). ``reference``
+# spells out every value of the authors' MRPC command, so that it does not move when a default
+# does. Explicit settings win over a preset's values.
+PRESETS: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "cold": {"noise_discount": 0.0, "lr_lambda": 1e-4},
+    "reference": {
+        "steps": 0, "min_steps": 20000, "patience": 40, "eval_every": 500, "val_subset": 500,
+        "warmup_steps": 10000, "burnin_steps": 12000, "thinning": 100,
+        "sample_rule": "authors", "temperature": 1e12, "alpha": 0.01, "beta": 100.0,
+        "lambda_init": 1e-4, "lambda_floor": 1e-8, "floor_gradient": "clamped",
+        "lr_theta": 1e-4, "schedule": "jiant", "schedule_epochs": 10000,
+        "schedule_warmup": 0.1, "lr_lambda": 1e-2, "weight_decay": 0.01,
+        "variant": "hf-adamw", "no_grad_params": "skip", "noise_discount": 1.0,
+        "grad_clip": 1.0,
+    },
+}
 
 
 class SamplerConfigError(ConfigError):
@@ -64,15 +101,41 @@ class SamplingDivergedError(RunFailedError):
         self.name = name
 
 
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
 @dataclass
 class SamplerConfig:
-    steps: int = field(default=20000, metadata={"help": "optimiser steps in all (stage 1)"})
+    preset: str = field(default="exact", metadata={
+        "help": "named settings: exact (the maths, constant rates), cold (exact without noise, "
+                "lambda's rate 1e-4: short chains), reference (the authors' code step for "
+                "step); other options override the preset's values",
+        **_choices(*PRESETS)})
+    steps: int = field(default=20000, metadata={
+        "help": "optimiser steps in all; with patience > 0 the most (0: no limit but the "
+                "schedule's end)"})
+    min_steps: int = field(default=0, metadata={
+        "help": "length rule: never stop before this many steps (with patience > 0)"})
+    patience: int = field(default=0, metadata={
+        "help": "length rule: stop once this many validation scores in a row did not beat the "
+                "best (0: run exactly `steps` steps)"})
+    eval_every: int = field(default=500, metadata={
+        "help": "length rule: validate after every this many steps (when steps + 1 is a "
+                "multiple, as jiant counts)"})
+    val_subset: int = field(default=500, metadata={
+        "help": "length rule: validate on the first this many validation examples (0: all)"})
     warmup_steps: int = field(default=10000, metadata={
         "help": "W: steps of plain fine-tuning (no prior, no noise, lambda fixed) before SGLD"})
     burnin_steps: int = field(default=12000, metadata={
         "help": "B: first step whose lambda enters the posterior mean (W <= B < steps)"})
     thinning: int = field(default=100, metadata={
         "help": "T: after step B, one lambda sample every T steps"})
+    sample_rule: str = field(default="after-update", metadata={
+        "help": "after-update: steps count from 0, a sample after the update at B, B+T, ...; "
+                "authors: steps count from 1, lambda is averaged in before its update at B and "
+                "at every multiple of T from B on (B twice when T divides it)",
+        **_choices(*SAMPLE_RULES)})
     temperature: float = field(default=1e12, metadata={
         "help": "N: effective data size dividing the prior and setting the noise scale"})
     alpha: float = field(default=0.01, metadata={"help": "Gamma shape of the prior on lambda"})
@@ -80,15 +143,35 @@ class SamplerConfig:
     lambda_init: float = field(default=1e-4, metadata={"help": "initial value of every lambda"})
     lambda_floor: float = field(default=1e-8, metadata={
         "help": "lambda is used as max(lambda, floor)"})
+    floor_gradient: str = field(default="zero", metadata={
+        "help": "lambda's prior gradient at or below the floor: zero (exact: the prior is flat "
+                "there) or clamped (the formula at the floor, as the authors' code)",
+        **_choices(*FLOOR_GRADIENTS)})
     lr_theta: float = field(default=1e-4, metadata={
         "help": "step size of theta (AdamW lr, or SGLD eta); also sets the theta noise"})
+    schedule: str = field(default="constant", metadata={
+        "help": "theta's rate: constant, or jiant (linear warm-up over schedule_warmup of "
+                "schedule_epochs x steps per epoch, then linear decay; the noise follows it)",
+        **_choices(*SCHEDULES)})
+    schedule_epochs: int = field(default=10000, metadata={
+        "help": "jiant schedule: its length in epochs of the training split"})
+    schedule_warmup: float = field(default=0.1, metadata={
+        "help": "jiant schedule: fraction of its length spent warming up"})
     lr_lambda: float = field(default=1e-2, metadata={
         "help": "step size of lambda (Adam lr, or SGLD eta); also sets the lambda noise"})
     weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW decoupled weight decay of theta (variant adamw only)"})
+        "help": "decoupled weight decay of theta: on every parameter (adamw), on all but "
+                "biases and LayerNorm weights (hf-adamw)"})
     variant: str = field(default="adamw", metadata={
-        "help": "adamw: noisy gradients handed to AdamW (theta) and Adam (lambda), as the "
-                "reference; sgld: plain x <- x - eta*grad + sqrt(2 eta/N) xi"})
+        "help": "adamw: noisy gradients handed to torch's AdamW (theta) and Adam (lambda); "
+                "hf-adamw: theta by the AdamW of transformers 3/4 as the authors' code; "
+                "sgld: plain x <- x - eta*grad + sqrt(2 eta/N) xi",
+        **_choices(*VARIANTS)})
+    no_grad_params: str = field(default="prior", metadata={
+        "help": "a parameter the loss does not reach: prior (it still feels prior and noise, "
+                "as the maths says) or skip (theta stays put, as the authors' code; its lambda "
+                "moves either way)",
+        **_choices(*NO_GRAD_RULES)})
     noise_discount: float = field(default=1.0, metadata={
         "help": "factor on every noise term (1 = exact SGLD, 0 = no noise)"})
     grad_clip: float = field(default=1.0, metadata={
@@ -103,16 +186,30 @@ class SamplerConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.steps < 1:
-            problems.append(f"steps={self.steps} must be >= 1")
+        for name, allowed in (("preset", tuple(PRESETS)), ("variant", VARIANTS),
+                              ("schedule", SCHEDULES), ("sample_rule", SAMPLE_RULES),
+                              ("no_grad_params", NO_GRAD_RULES),
+                              ("floor_gradient", FLOOR_GRADIENTS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} is not one of "
+                                f"{', '.join(allowed)}")
+        if self.steps < 0 or (self.steps == 0 and self.patience == 0):
+            problems.append(f"steps={self.steps} must be >= 1 (0 only with patience > 0, where "
+                            "the length rule ends the run)")
+        for name in ("min_steps", "patience", "val_subset"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("eval_every", "schedule_epochs", "thinning"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.warmup_steps <= self.burnin_steps:
             problems.append(f"need 0 <= warmup_steps <= burnin_steps, got warmup_steps="
                             f"{self.warmup_steps}, burnin_steps={self.burnin_steps}")
-        if self.burnin_steps >= self.steps:
-            problems.append(f"burnin_steps={self.burnin_steps} >= steps={self.steps} leaves no "
-                            "lambda sample; raise steps or lower burnin_steps")
-        if self.thinning < 1:
-            problems.append(f"thinning={self.thinning} must be >= 1")
+        shortest = self.shortest_run
+        if self.thinning >= 1 and shortest >= 0 and self.samples_in(shortest) == 0:
+            problems.append(f"burnin_steps={self.burnin_steps} leaves no lambda sample in a run "
+                            f"of {shortest} steps; raise steps (or min_steps) or lower "
+                            "burnin_steps")
         for name in ("temperature", "alpha", "beta", "lambda_init", "lambda_floor",
                      "lr_theta", "lr_lambda"):
             value = getattr(self, name)
@@ -122,28 +219,95 @@ class SamplerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name}={value} must be a finite number >= 0")
+        if not 0 <= self.schedule_warmup < 1:
+            problems.append(f"schedule_warmup={self.schedule_warmup} must be in [0, 1)")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= 0")
         if self.variant == "sgld" and self.weight_decay > 0:
-            problems.append("weight_decay applies to variant adamw only; set it to 0 for sgld")
-        if self.variant not in VARIANTS:
-            problems.append(f"variant={self.variant!r} is not one of {', '.join(VARIANTS)}")
+            problems.append("weight_decay applies to variants adamw and hf-adamw only; set it "
+                            "to 0 for sgld")
+        if self.variant == "sgld" and self.schedule != "constant":
+            problems.append("schedule jiant drives an optimiser's rate; use variant adamw or "
+                            "hf-adamw with it")
         if problems:
             raise SamplerConfigError("bad sampler config: " + "; ".join(problems))
 
+    # --- phases and samples ------------------------------------------------------------------
+    @property
+    def shortest_run(self) -> int:
+        """Steps of the shortest run these settings allow (the length rule stops after the
+        first step past min_steps at the earliest)."""
+        if self.patience == 0:
+            return self.steps
+        return min(self.steps, self.min_steps + 1) if self.steps else self.min_steps + 1
+
+    def in_sgld(self, step: int) -> bool:
+        """Whether 0-based step ``step`` is an SGLD step (the authors count from 1)."""
+        counter = step + 1 if self.sample_rule == "authors" else step
+        return counter >= self.warmup_steps
+
+    def samples_at(self, step: int) -> int:
+        """How many times step ``step`` adds lambda to the running moments (0, 1 or 2)."""
+        b, t = self.burnin_steps, self.thinning
+        if self.sample_rule == "authors":
+            counter = step + 1
+            return int(counter == b) + int(counter >= b and counter % t == 0)
+        return int(step >= b and (step - b) % t == 0)
+
+    def samples_in(self, steps: int) -> int:
+        """Samples a run of ``steps`` steps averages."""
+        b, t = self.burnin_steps, self.thinning
+        if self.sample_rule == "authors":
+            return 0 if steps < b else 1 + steps // t - (b - 1) // t
+        return len(range(b, steps, t))
+
     @property
     def n_samples(self) -> int:
-        """Number of lambda samples a complete run averages."""
-        return len(range(self.burnin_steps, self.steps, self.thinning))
+        """Samples a run of ``steps`` steps averages (the length rule may end it elsewhere)."""
+        return self.samples_in(self.steps)
+
+    def phase(self, step: int) -> str:
+        if not self.in_sgld(step):
+            return "warm-up"
+        return "sampling" if self.samples_in(step + 1) > 0 else "burn-in"
+
+    @property
+    def fused_step(self) -> bool:
+        """Whether the fused step offers every setting (else the per-tensor step runs)."""
+        return (self.variant in ("adamw", "sgld") and self.schedule == "constant"
+                and self.sample_rule == "after-update" and self.no_grad_params == "prior")
 
     def prior(self) -> LaplaceGammaPrior:
         return LaplaceGammaPrior(alpha=self.alpha, beta=self.beta,
-                                 temperature=self.temperature, floor=self.lambda_floor)
+                                 temperature=self.temperature, floor=self.lambda_floor,
+                                 floor_gradient=self.floor_gradient)
 
-    def phase(self, step: int) -> str:
-        if step < self.warmup_steps:
-            return "warm-up"
-        return "burn-in" if step < self.burnin_steps else "sampling"
+
+def sampler_config(preset: str = "exact", **settings: Any) -> SamplerConfig:
+    """The preset's values with ``settings`` on top (explicit settings win)."""
+    if preset not in PRESETS:
+        raise SamplerConfigError(f"unknown sampler preset {preset!r}; one of "
+                                 f"{', '.join(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(SamplerConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise SamplerConfigError(f"unknown sampler setting(s) {', '.join(unknown)}; see "
+                                 "`bayestune sample --help`")
+    return SamplerConfig(**{**PRESETS[preset], **settings, "preset": preset})
+
+
+def sampler_config_from_section(section: Mapping[str, Any]) -> SamplerConfig:
+    """A config file's sampler section (other keys ignored), each value cast to its field's
+    type as the command line does (YAML may write 0 for 0.0), preset resolved."""
+    values = {f.name: type(f.default)(section[f.name])
+              for f in dataclasses.fields(SamplerConfig) if f.name in section}
+    return sampler_config(**values)
+
+
+def preset_overrides(config: SamplerConfig) -> list[str]:
+    """Fields whose value differs from the config's preset."""
+    base = dataclasses.asdict(sampler_config(config.preset))
+    return sorted(k for k, v in dataclasses.asdict(config).items() if v != base[k])
 
 
 @dataclass
@@ -152,25 +316,42 @@ class ScaleResult:
     var: dict[str, Tensor]    # unbiased sample variance (zeros with a single sample)
     n_samples: int
     steps: int
+    steps_per_epoch: int | None = None   # the schedule's, when one was given
+    best_val: float | None = None        # the length rule's best validation score
 
     def metadata(self, config: SamplerConfig, *, seed: int, model_id: str) -> dict[str, Any]:
-        """What the scale file records besides the tensors (files.py adds the version)."""
-        return {**dataclasses.asdict(config), "model_id": model_id, "seed": seed,
-                "n_samples": self.n_samples, "steps": self.steps}
+        """What the scale file records besides the tensors (files.py adds the version): the
+        preset, every resolved setting and which of them override the preset."""
+        extra = {k: v for k, v in (("steps_per_epoch", self.steps_per_epoch),
+                                   ("best_val", self.best_val)) if v is not None}
+        return {**dataclasses.asdict(config), "overrides": preset_overrides(config),
+                "model_id": model_id, "seed": seed, "n_samples": self.n_samples,
+                "steps_limit": config.steps, "steps": self.steps, **extra}
 
 
 def write_scale_file(path: str | Path, result: ScaleResult, config: SamplerConfig, *,
-                     seed: int, model_id: str) -> None:
-    files.save_scales(path, result.mean, result.metadata(config, seed=seed, model_id=model_id))
+                     seed: int, model_id: str, provenance: dict | None = None) -> None:
+    files.save_scales(path, result.mean, result.metadata(config, seed=seed, model_id=model_id),
+                      provenance)
 
 
 # --- the sampler's state and its step --------------------------------------------------------
+NoiseFn = Callable[[str, int, Tensor], Tensor]
+
+
 class Sampler:
-    """The whole state of one stage-1 run; :meth:`advance` takes one step of the schedule."""
+    """The whole state of one stage-1 run; :meth:`advance` takes one step of the schedule.
+
+    ``steps_per_epoch`` sets the length of the jiant schedule (needed with it). ``noise_fn``
+    replaces the per-tensor step's noise source: ``noise_fn(kind, index, like)`` returns
+    standard normal draws shaped like ``like`` for ``kind`` "theta" or "lambda" of parameter
+    number ``index`` (the fused step ignores it).
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor],
                  config: SamplerConfig, seed: int, device: torch.device, *,
-                 scratch_dir: Path | None = None) -> None:
+                 scratch_dir: Path | None = None, steps_per_epoch: int | None = None,
+                 noise_fn: NoiseFn | None = None) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to sample")
@@ -182,7 +363,11 @@ class Sampler:
         if strided:
             raise ValueError(f"parameter {strided[0]} is not contiguous; the sampler views "
                              "parameters as flat pieces (make it contiguous when building)")
+        if config.schedule == "jiant" and not steps_per_epoch:
+            raise SamplerConfigError("schedule jiant needs the number of batches per epoch "
+                                     "(steps_per_epoch) to set its length")
         self.model, self.loss_fn, self.config, self.device = model, loss_fn, config, device
+        self.steps_per_epoch = steps_per_epoch
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [p.shape for p in self.params]
@@ -193,15 +378,26 @@ class Sampler:
         self.theta0_flat = self.layout.flatten(self.params)
         self.lam_flat = torch.full_like(self.theta0_flat, config.lambda_init)
         self.lams = self.layout.views(self.lam_flat)  # per parameter, for names in errors
-        # The hot path works piece by piece; lambda's pieces are what its optimiser updates,
-        # in place in lam_flat.
-        self.theta_pieces = self.layout.pieces([p.detach() for p in self.params])
-        self.theta0_pieces = self.layout.flat_pieces(self.theta0_flat)
-        self.lam_pieces = [v.requires_grad_() for v in self.layout.flat_pieces(self.lam_flat)]
-        self.blocks = self.layout.groups(CPU_BLOCK if on_cpu else None)
+        self.fused = config.fused_step
+        if self.fused:
+            # The hot path works piece by piece; lambda's pieces are what its optimiser
+            # updates, in place in lam_flat.
+            self.theta_pieces = self.layout.pieces([p.detach() for p in self.params])
+            self.theta0_pieces = self.layout.flat_pieces(self.theta0_flat)
+            self.lam_params = [v.requires_grad_() for v in
+                               self.layout.flat_pieces(self.lam_flat)]
+            self.blocks = self.layout.groups(CPU_BLOCK if on_cpu else None)
+        else:
+            self.theta0s = self.layout.views(self.theta0_flat)
+            self.lam_params = [v.requires_grad_() for v in self.lams]
         self.opt_theta, self.opt_lam = self._optimisers()
+        self.schedule = (jiant_schedule(self.opt_theta, epochs=config.schedule_epochs,
+                                        steps_per_epoch=steps_per_epoch,
+                                        warmup_ratio=config.schedule_warmup)
+                         if config.schedule == "jiant" else None)
         self.noise = torch.Generator(device=device)
         self.noise.manual_seed(seed ^ 0x5EED5EED)  # a stream apart from dropout's
+        self.noise_fn = noise_fn or self._standard_normal
         c = config.noise_discount
         self.noise_theta = c * math.sqrt(2.0 / (config.temperature * config.lr_theta))
         self.noise_lam = c * math.sqrt(2.0 / (config.temperature * config.lr_lambda))
@@ -209,8 +405,24 @@ class Sampler:
         if config.autocast and not self.use_autocast:
             log.warning("autocast is for CUDA only; running in full precision on %s", device)
         self.step = self.epoch = self.position = 0
+        self.length_rule = (LengthRule(config.min_steps, config.patience, config.eval_every)
+                            if config.patience > 0 else None)
+        self.stopped = False  # by the length rule
         self.scratch_dir = scratch_dir  # where the running statistics' scratch file goes
         self.stats: RunningStats | None = None  # made by the first sample
+
+    @property
+    def limit(self) -> int | None:
+        """The most steps this run takes: ``steps``, else the schedule's end, else none."""
+        if self.config.steps:
+            return self.config.steps
+        if self.schedule is not None:
+            return schedule_length(self.config.schedule_epochs, self.steps_per_epoch)
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped or (self.limit is not None and self.step >= self.limit)
 
     @property
     def count(self) -> int:
@@ -227,29 +439,48 @@ class Sampler:
             self.stats.close()
 
     def _optimisers(self) -> tuple[torch.optim.Optimizer | None, torch.optim.Optimizer | None]:
-        if self.config.variant == "sgld":
+        config = self.config
+        if config.variant == "sgld":
             return None, None
         fast = ({"fused": True} if self.device.type in ("cpu", "cuda")
                 else {"foreach": True})
-        theta = torch.optim.AdamW(self.params, lr=self.config.lr_theta,
-                                  weight_decay=self.config.weight_decay, **fast)
-        lam = torch.optim.Adam(self.lam_pieces, lr=self.config.lr_lambda, **fast)
+        lam = torch.optim.Adam(self.lam_params, lr=config.lr_lambda, **fast)
+        if config.variant == "adamw":
+            theta = torch.optim.AdamW(self.params, lr=config.lr_theta,
+                                      weight_decay=config.weight_decay, **fast)
+            return theta, lam
+        exempt = no_decay_names(self.model)
+        groups = [{"params": [p for n, p in zip(self.names, self.params, strict=True)
+                              if (n in exempt) == no_decay], "weight_decay": wd}
+                  for no_decay, wd in ((False, config.weight_decay), (True, 0.0))]
+        theta = TransformersAdamW([g for g in groups if g["params"]], lr=config.lr_theta,
+                                  eps=1e-8)
         return theta, lam
+
+    def _theta_rates(self) -> list[float]:
+        """The current rate of each parameter's optimiser group (the scheduled rate)."""
+        if self.opt_theta is None:
+            return [self.config.lr_theta] * len(self.params)
+        rate = {id(p): g["lr"] for g in self.opt_theta.param_groups for p in g["params"]}
+        return [rate[id(p)] for p in self.params]
+
+    def _standard_normal(self, kind: str, index: int, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=self.noise, device=like.device,
+                           dtype=like.dtype)
 
     # --- one optimiser step -------------------------------------------------------------------
     def advance(self, batch: dict) -> float:
         """One step of the schedule: update, check lambda, maybe record a sample; the loss."""
         step, config = self.step, self.config
-        loss_value = self.train_step(batch)
+        loss_value = self.train_step(batch) if self.fused else self.train_step_per_tensor(batch)
         self.check_lambda()
-        if step >= config.burnin_steps and (step - config.burnin_steps) % config.thinning == 0:
-            self.record_sample()
+        if config.sample_rule == "after-update":
+            for _ in range(config.samples_at(step)):
+                self.record_sample()
         self.step, self.position = step + 1, self.position + 1
         return loss_value
 
-    def train_step(self, batch: dict) -> float:
-        """One optimiser step; returns the loss (checked before the update touches theta)."""
-        sgld = self.step >= self.config.warmup_steps
+    def _backward(self, batch: dict) -> float:
         ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.use_autocast
                else contextlib.nullcontext())
         with ctx:
@@ -260,6 +491,13 @@ class Sampler:
         loss.backward()
         loss_value = loss.item()
         self._check_loss(loss_value)
+        return loss_value
+
+    def train_step(self, batch: dict) -> float:
+        """One fused optimiser step; returns the loss (checked before the update touches
+        theta)."""
+        sgld = self.config.in_sgld(self.step)
+        loss_value = self._backward(batch)
         with torch.no_grad():
             grads = self._grads(fill_missing=sgld)
             if self.config.grad_clip > 0:  # the data gradient only, as the reference
@@ -299,7 +537,7 @@ class Sampler:
                 noise.normal_(generator=self.noise)
                 torch._foreach_add_(grad_pieces[block], noise_pieces, alpha=self.noise_theta)
             lam_grad = self.prior.add_grads_(self.theta_pieces[block], self.theta0_pieces[block],
-                                             self.lam_pieces[block], grad_pieces[block])
+                                             self.lam_params[block], grad_pieces[block])
             if self.noise_lam > 0:
                 noise.normal_(generator=self.noise)
                 torch._foreach_add_(lam_grad, noise_pieces, alpha=self.noise_lam)
@@ -310,16 +548,90 @@ class Sampler:
         if self.opt_theta is not None:
             self.opt_theta.step()
             if lam_grads is not None:
-                for piece, grad in zip(self.lam_pieces, lam_grads, strict=True):
-                    piece.grad = grad
-                self.opt_lam.step()
-                for piece in self.lam_pieces:
-                    piece.grad = None
+                self._step_lambda(lam_grads)
             return
         params = [p for p in self.params if p.grad is not None]
         torch._foreach_add_(params, grads, alpha=-self.config.lr_theta)
         if lam_grads is not None:
-            torch._foreach_add_(self.lam_pieces, lam_grads, alpha=-self.config.lr_lambda)
+            self._step_lambda(lam_grads)
+
+    def _step_lambda(self, lam_grads: list[Tensor]) -> None:
+        if self.opt_lam is None:
+            torch._foreach_add_(self.lam_params, lam_grads, alpha=-self.config.lr_lambda)
+            return
+        for lam, grad in zip(self.lam_params, lam_grads, strict=True):
+            lam.grad = grad
+        self.opt_lam.step()
+        for lam in self.lam_params:
+            lam.grad = None
+
+    # --- the per-tensor step: the authors' code, parameter by parameter -----------------------
+    def train_step_per_tensor(self, batch: dict) -> float:
+        """One step as the authors' code takes it: clip the data gradient; under SGLD add to
+        each theta gradient the noise at its group's scheduled rate (where that rate is > 0)
+        and the prior, form lambda's gradient and noise, record due samples (authors' rule),
+        step lambda; then step theta and the schedule."""
+        config = self.config
+        sgld = config.in_sgld(self.step)
+        loss_value = self._backward(batch)
+        with torch.no_grad():
+            if sgld and config.no_grad_params == "prior":
+                self._grads(fill_missing=True)
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.params, config.grad_clip)
+            if sgld:
+                lam_grads = self._posterior_terms_per_tensor()
+                if config.sample_rule == "authors":
+                    for _ in range(config.samples_at(self.step)):
+                        self.record_sample()
+                self._step_lambda(lam_grads)
+            if self.opt_theta is not None:
+                self.opt_theta.step()
+            else:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-config.lr_theta)
+            if self.schedule is not None:
+                self.schedule.step()
+        self._zero_grads()
+        return loss_value
+
+    def _posterior_terms_per_tensor(self) -> list[Tensor]:
+        config, prior = self.config, self.prior
+        n, c = config.temperature, config.noise_discount
+        rates = self._theta_rates()
+        lam_grads = []
+        for i, (p, theta0, lam) in enumerate(zip(self.params, self.theta0s, self.lam_params,
+                                                 strict=True)):
+            if p.grad is not None:
+                if c > 0 and rates[i] > 0:
+                    p.grad.add_(self.noise_fn("theta", i, p),
+                                alpha=c * math.sqrt(2.0 / (n * rates[i])))
+                p.grad.add_(prior.grad_theta(p, theta0, lam))
+            lam_grads.append(prior.grad_lambda(p, theta0, lam))
+        if self.noise_lam > 0:
+            for i, (grad, lam) in enumerate(zip(lam_grads, self.lam_params, strict=True)):
+                grad.add_(self.noise_fn("lambda", i, lam), alpha=self.noise_lam)
+        return lam_grads
+
+    # --- the length rule ----------------------------------------------------------------------
+    def check_length(self, validate: Callable[[nn.Module], float] | None) -> None:
+        """After a step: validate when the length rule wants a score, and stop when it says.
+        The validation runs on a fork of the global RNG, so that it cannot shift the dropout
+        masks of later steps."""
+        rule = self.length_rule
+        if rule is None:
+            return
+        if rule.due(self.step):
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                score = float(validate(self.model))
+            self.model.train()
+            best = rule.record(score, self.step)
+            log.info("stage 1 step %d: validation %.4f%s (%d without improvement)", self.step,
+                     score, " (best)" if best else "", rule.since_best)
+        self.stopped = rule.should_stop(self.step)
+
 
     # --- samples and checks -------------------------------------------------------------------
     @torch.no_grad()
@@ -344,7 +656,7 @@ class Sampler:
 
     def check_lambda(self) -> None:
         """Raise if lambda went NaN or infinite (one reduction over the flat buffer)."""
-        if self.step < self.config.warmup_steps or torch.isfinite(self.lam_flat.sum()):
+        if not self.config.in_sgld(self.step) or torch.isfinite(self.lam_flat.sum()):
             return
         name = _first_nonfinite(self.names, self.lams)
         theta = "also" if name in _nonfinite_names(self.names, self.params) else "not"
@@ -359,8 +671,9 @@ class Sampler:
         mean = self._named(self.stats.region(0))
         var = self.stats.region(1)
         var = var.div_(self.count - 1) if self.count > 1 else var.zero_()
+        best = self.length_rule.best if self.length_rule is not None else None
         return ScaleResult(mean=mean, var=self._named(var), n_samples=self.count,
-                           steps=self.step)
+                           steps=self.step, steps_per_epoch=self.steps_per_epoch, best_val=best)
 
     def _named(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: v.clone() for n, v in zip(self.names, self.layout.views(flat), strict=True)}
@@ -373,12 +686,15 @@ class Sampler:
         return {
             "version": CHECKPOINT_VERSION, "seed": seed, "config": _resume_key(self.config),
             "names": self.names, "shapes": [list(s) for s in self.shapes],
-            "pieces": self.layout.piece_sizes,
+            "pieces": self.layout.piece_sizes, "steps_per_epoch": self.steps_per_epoch,
             "step": self.step, "epoch": self.epoch, "position": self.position,
             "model": self.model.state_dict(),
             "theta0": self.theta0_flat, "lam": self.lam_flat,
             "opt_theta": self.opt_theta.state_dict() if self.opt_theta else None,
             "opt_lam": self.opt_lam.state_dict() if self.opt_lam else None,
+            "schedule": self.schedule.state_dict() if self.schedule else None,
+            "length_rule": self.length_rule.state_dict() if self.length_rule else None,
+            "stopped": self.stopped,
             "count": self.count, "mean": regions[0], "m2": regions[1],
             "noise_rng": self.noise.get_state(),
             "cpu_rng": torch.get_rng_state(),
@@ -405,6 +721,11 @@ class Sampler:
         if self.opt_theta is not None:
             self.opt_theta.load_state_dict(state["opt_theta"])
             self.opt_lam.load_state_dict(state["opt_lam"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        if self.length_rule is not None:
+            self.length_rule.load_state_dict(state["length_rule"])
+        self.stopped = state["stopped"]
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.noise.set_state(state["noise_rng"])
         self.close()
@@ -439,9 +760,13 @@ def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: P
     if state["pieces"] != sampler.layout.piece_sizes:  # lambda's optimiser state is by piece
         raise SamplerConfigError(f"{path} was written on another device type (cpu vs cuda); "
                                  f"resume it on the same kind of device, or {fix}")
-    if state["step"] > sampler.config.steps:
+    if sampler.schedule is not None and state["steps_per_epoch"] != sampler.steps_per_epoch:
+        raise SamplerConfigError(f"{path} was written with {state['steps_per_epoch']} steps per "
+                                 f"epoch, not {sampler.steps_per_epoch} (the schedule's length "
+                                 f"depends on it); {fix}")
+    if sampler.limit is not None and state["step"] > sampler.limit:
         raise SamplerConfigError(f"{path} is at step {state['step']}, past steps="
-                                 f"{sampler.config.steps}; {fix}")
+                                 f"{sampler.limit}; {fix}")
 
 
 def _restore_global_rng(state: dict[str, Any]) -> None:
@@ -472,28 +797,39 @@ def sample_scales(
     device: str = "auto",
     checkpoint_path: Path | None = None,
     progress: bool = True,
+    steps_per_epoch: int | None = None,
+    validate: Callable[[nn.Module], float] | None = None,
 ) -> ScaleResult:
     """Run stage 1 and return the posterior mean (and variance) of the scales lambda.
 
     ``batches(epoch)`` must yield the same batches for the same epoch; epochs are cycled until
-    ``config.steps`` optimiser steps are done. With ``checkpoint_path``, the whole state is saved
-    every ``config.checkpoint_every`` steps and at the end, and an existing checkpoint there is
+    ``config.steps`` optimiser steps are done, or until the length rule (``config.patience >
+    0``) stops the run: it scores the model with ``validate(model)`` (higher is better) and
+    needs that callback. ``steps_per_epoch`` (the number of batches per epoch) sets the length
+    of the jiant schedule. With ``checkpoint_path``, the whole state is saved every
+    ``config.checkpoint_every`` steps and at the end, and an existing checkpoint there is
     resumed from: a resumed run gives the same result as an uninterrupted one. The model is
     moved to ``device`` and left there, holding the last sample of theta.
     """
     config.validate()
+    if config.patience > 0 and validate is None:
+        raise SamplerConfigError(f"patience={config.patience}: the length rule needs a "
+                                 "validation callback (validate=...); or set patience 0 and a "
+                                 "fixed number of steps")
     dev = resolve_device(device)
     model.to(dev).train()
     scratch = Path(checkpoint_path).parent if checkpoint_path is not None else None
-    sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch)
+    sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch,
+                      steps_per_epoch=steps_per_epoch)
     try:
-        return _run(sampler, batches, checkpoint_path, seed, progress)
+        return _run(sampler, batches, checkpoint_path, seed, progress, validate)
     finally:
         sampler.close()
 
 
 def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
-         checkpoint_path: Path | None, seed: int, progress: bool) -> ScaleResult:
+         checkpoint_path: Path | None, seed: int, progress: bool,
+         validate: Callable[[nn.Module], float] | None) -> ScaleResult:
     config, dev = sampler.config, sampler.device
     state = files.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if state is not None:
@@ -501,23 +837,27 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
         log.info("stage 1 resumed from step %d (checkpoint %s)", sampler.step, checkpoint_path)
     else:
         torch.manual_seed(seed)  # dropout
-    with tqdm(total=config.steps, initial=sampler.step, disable=not progress,
+    with tqdm(total=sampler.limit, initial=sampler.step, disable=not progress,
               desc="stage 1", dynamic_ncols=True) as bar:
-        while sampler.step < config.steps:
+        while not sampler.finished:
             epoch_batches = _epoch_iter(batches, sampler)
             if state is not None:
                 _restore_global_rng(state)
                 state = None
             for batch in epoch_batches:
                 loss_value = sampler.advance(move_batch(batch, dev))
+                sampler.check_length(validate)
                 bar.update(1)
                 bar.set_postfix(phase=config.phase(sampler.step - 1), loss=f"{loss_value:.4g}",
                                 refresh=False)
                 _maybe_checkpoint(sampler, checkpoint_path, seed)
-                if sampler.step >= config.steps:
+                if sampler.finished:
                     break
             else:
                 sampler.epoch, sampler.position = sampler.epoch + 1, 0
+    if sampler.stopped:
+        log.info("stage 1 stopped by the length rule after %d steps (best validation %.4f at "
+                 "step %d)", sampler.step, sampler.length_rule.best, sampler.length_rule.best_step)
     return sampler.result()
 
 
@@ -545,6 +885,6 @@ def _nonempty(it: Iterable[dict], epoch: int) -> Iterable[dict]:
 
 def _maybe_checkpoint(sampler: Sampler, path: Path | None, seed: int) -> None:
     every, step = sampler.config.checkpoint_every, sampler.step
-    if path is None or not (step == sampler.config.steps or (every and step % every == 0)):
+    if path is None or not (sampler.finished or (every and step % every == 0)):
         return
     sampler.save_checkpoint(Path(path), seed)

@@ -99,14 +99,16 @@ def _task_data_cache(job: SweepJob, config: Mapping[str, Any]):
     """Task data by loader setting: the stages of a job share one load when their batch sizes
     agree (``train_epoch(e)`` yields the same batches however often it is called)."""
     from bayestune.tasks import load_task_data
+    from bayestune.tasks.custom import parse_custom_tasks
 
+    declared = parse_custom_tasks(config.get("custom_tasks"))
     loaded: dict[tuple[int, int], Any] = {}
 
     def data(section: Mapping[str, Any]):
         sizes = (int(section.get("batch_size", 16)), int(section.get("eval_batch_size", 64)))
         if sizes not in loaded:
             loaded[sizes] = load_task_data(job.task, Path(config["prepared_dir"]) / job.task,
-                                           sizes[0], job.seed, sizes[1])
+                                           sizes[0], job.seed, sizes[1], declared)
         return loaded[sizes]
     return data
 
@@ -114,18 +116,24 @@ def _task_data_cache(job: SweepJob, config: Mapping[str, Any]):
 def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str):
     """The job's mask at the main budget (None for full and lora) and the number of lambda
     samples behind it. Stage 1 runs on a copy: ``model`` stays at theta0 for stage 2."""
+    from bayestune.finetune import val_scorer
     from bayestune.methods import MethodConfig, select_masks
     from bayestune.models.base import resolve_device, task_loss
-    from bayestune.sampler import SamplerConfig, sample_scales
+    from bayestune.sampler import sample_scales, sampler_config_from_section
+    from bayestune.tasks import get_task
 
     if job.method in ("full", "lora"):
         return None, 0
     scores, n_samples = None, 0
     if job.method == "bayestune":
         section = _section(config, "sampler", job.sampler)
-        result = sample_scales(copy.deepcopy(model), data(section).train_epoch, task_loss,
-                               _dataclass_part(SamplerConfig, section), seed=job.seed,
-                               device=device, progress=False)
+        sampler = sampler_config_from_section(section)
+        loaded = data(section)
+        validate = (val_scorer(loaded, get_task(job.task), sampler.val_subset,
+                               resolve_device(device)) if sampler.patience > 0 else None)
+        result = sample_scales(copy.deepcopy(model), loaded.train_epoch, task_loss, sampler,
+                               seed=job.seed, device=device, progress=False,
+                               steps_per_epoch=len(loaded.train), validate=validate)
         scores, n_samples = result.mean, result.n_samples
     by_method = config.get("mask_by_method", {}).get(job.method, {})
     section = _section(config, "mask", {**by_method, **job.mask})
@@ -143,15 +151,17 @@ def run_job(job: SweepJob, config: Mapping[str, Any], device: str) -> dict[str, 
     from bayestune.finetune import FinetuneConfig, finetune
     from bayestune.methods import LoraSettings, wrap_lora
     from bayestune.tasks import build_task_model, get_task
+    from bayestune.tasks.custom import parse_custom_tasks
 
     start = time.perf_counter()
+    declared = parse_custom_tasks(config.get("custom_tasks"))
     data = _task_data_cache(job, config)
-    model = build_task_model(job.task, config["model"], job.seed)
+    model = build_task_model(job.task, config["model"], job.seed, declared)
     mask, n_samples = _mask(job, config, model, data, device)
     section = _section(config, "finetune", config.get("finetune_by_method", {}).get(job.method, {}))
     if job.method == "lora":
         model = wrap_lora(model, _dataclass_part(LoraSettings, config.get("lora", {})))
-    result = finetune(model, data(section), get_task(job.task),
+    result = finetune(model, data(section), get_task(job.task, declared),
                       _dataclass_part(FinetuneConfig, section), mask=mask, seed=job.seed,
                       device=device, progress=False)
     return {"name": job.name, "task": job.task, "seed": job.seed, "method": job.method,

@@ -12,15 +12,25 @@ All knowledge of the file layout lives here, so the rule files only wire files t
 
 {label} is p{budget} for mask methods (bitfit's fixed mask is filed under main_budget),
 `all` for full fine-tuning and `lora` for LoRA.
+
+Tasks declared under `custom_tasks` reach the command line as `--task-file <the config file>`;
+their declaration is a param of every rule that reads it, so an edit reruns those jobs.
 """
 
 import os
 import re
 import shlex
 import sys
+from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
 
 from bayestune.masks import mask_file_name
 from bayestune.methods.registry import BUDGETED as _BUDGETED, FIXED as _FIXED, REGISTRY
+from bayestune.provenance import command_code_hash, folder_fingerprint
+from bayestune.tasks import check_task_names
+from bayestune.tasks.base import TaskError
+from bayestune.tasks.custom import parse_custom_tasks, read_task_file
 
 RES = config["results_dir"].rstrip("/")
 PREP = config["prepared_dir"].rstrip("/")
@@ -54,14 +64,19 @@ def _check_method_names():
 _check_method_names()
 
 MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
+
+# Every task must be known before any job starts: a typo fails here, not job by job.
+CUSTOM_TASKS = parse_custom_tasks(config.get("custom_tasks"), where="config custom_tasks")
+check_task_names(TASKS, CUSTOM_TASKS)
+if BENCH == "vtab" and any(t in CUSTOM_TASKS for t in TASKS):
+    raise ValueError("declared tasks need benchmark: glue (a table with one column per task); "
+                     "benchmark vtab averages VTAB-1k's groups, which they are not part of")
+
 # Locally `gpu` limits nothing unless --resources gpu=N; on SLURM gpu=1 becomes --gpus=1.
 GPU = 0 if config["device"] == "cpu" else 1
 # Snakemake counts GPUs but assigns none: a GPU job locks a free slot file here when it starts
 # and runs on GPU slot // jobs_per_gpu (bayestune.devices); a job that sees one GPU skips it.
 GPU_SLOTS = f"{RES}/.gpu_slots"
-# The package's command line from the Python running Snakemake, so a run needs no activated
-# virtual environment (cluster jobs start the same interpreter from the shared file system).
-BAYESTUNE = shlex.quote(sys.executable) + " -m bayestune" + ("" if config["progress"] else " -q")
 
 if MAIN_BUDGET not in BUDGETS and any(m in BUDGETED for m in METHODS):
     raise ValueError(
@@ -115,17 +130,91 @@ def cli_flags(options, prefix=""):
 
 
 def gpu_slot_flags(uses_gpu=True):
-    """--gpu-slots for a job that asks for a GPU, so that local jobs spread over the GPUs."""
+    """--gpu-slots for a job that asks for a GPU, so that local jobs spread over the GPUs. How
+    many jobs share a GPU (jobs_per_gpu) is in the shell prefix: it changes where a job runs,
+    not what it computes."""
     if not (GPU and uses_gpu):
         return ""
-    return f"--gpu-slots {shlex.quote(GPU_SLOTS)} --jobs-per-gpu {config['jobs_per_gpu']}"
+    return f"--gpu-slots {shlex.quote(GPU_SLOTS)}"
 
 
-def data_dir_flag():
-    """--data-dir from the environment or the config; none lets the CLI use the hub."""
-    env, key = ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
-    path = os.environ.get(env) or config.get(key)
-    return f"--data-dir {shlex.quote(str(path))}" if path else ""
+# --- what decides a rerun ---------------------------------------------------------------------
+# Snakemake reruns a job when its rule's shell text, its params, its input files or its software
+# environment change. So the rules get a hash of the code their subcommand runs and a hash of
+# the raw task files as params, while HOW a job runs (the interpreter's path, progress bars, the
+# data folder's spelling or place) travels in the shell prefix and the environment, which
+# Snakemake does not compare: moving the venv or turning on `progress` reruns nothing.
+CODE = {
+    command: command_code_hash(command)
+    for command in ("prepare", "sample", "mask", "finetune", "report", "figures")
+}
+_DATA_ENV, _DATA_KEY = (
+    ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
+)
+# The environment wins over the config; none (or "hub" for GLUE) reads the Hugging Face Hub.
+DATA_DIR = os.environ.get(_DATA_ENV) or config.get(_DATA_KEY)
+if DATA_DIR and DATA_DIR != "hub":
+    DATA_DIR = os.path.abspath(DATA_DIR)
+
+
+def data_source(task):
+    """The task's raw files by content (a vtab-<name> task lives in folder <name>; a declared
+    task in the folder its declaration names)."""
+    if task in CUSTOM_TASKS:
+        folder = Path(CUSTOM_TASKS[task].data).expanduser()
+        return folder_fingerprint(folder) if folder.is_dir() else "hub"
+    if not DATA_DIR or DATA_DIR == "hub":
+        return "hub"
+    return folder_fingerprint(os.path.join(DATA_DIR, task.removeprefix("vtab-")))
+
+
+def _find_task_file():
+    """The config file that declares the run's custom tasks, as the command line reads it."""
+    used = [t for t in TASKS if t in CUSTOM_TASKS]
+    if not used:
+        return None
+    for path in reversed([os.path.abspath(f) for f in workflow.configfiles]):
+        try:
+            declared = read_task_file(path)
+        except TaskError:
+            continue
+        if all(declared.get(t) == CUSTOM_TASKS[t] for t in used):
+            return path
+    raise ValueError(
+        f"custom tasks {', '.join(used)} must be declared whole in one config file (the jobs "
+        "read them from it with --task-file); move them out of --config into a --configfile")
+
+
+TASK_FILE = _find_task_file()
+
+
+def task_file_flag(task):
+    return f"--task-file {shlex.quote(TASK_FILE)}" if task in CUSTOM_TASKS else ""
+
+
+def task_declaration(task):
+    """A declared task's content (a rule param: an edit reruns the rule); '' if built in."""
+    return CUSTOM_TASKS[task].fingerprint() if task in CUSTOM_TASKS else ""
+
+
+def _shell_prefix():
+    exports = {"BAYESTUNE_QUIET": "0" if config["progress"] else "1",
+               "BAYESTUNE_JOBS_PER_GPU": str(config["jobs_per_gpu"])}
+    if DATA_DIR:
+        exports[_DATA_ENV] = shlex.quote(DATA_DIR)
+    if PACKAGE_SRC is not None:
+        exports["PYTHONPATH"] = shlex.quote(str(PACKAGE_SRC)) + '${PYTHONPATH:+:"$PYTHONPATH"}'
+    isolated = {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}
+    if not isolated & set(workflow.deployment_settings.deployment_method):
+        # `python` is the interpreter running Snakemake (no activated venv needed; cluster
+        # jobs start the same one from the shared file system); a conda env or a container
+        # brings its own.
+        exports["PATH"] = shlex.quote(os.path.dirname(sys.executable)) + ':"$PATH"'
+    text = " ".join(f"{name}={value}" for name, value in exports.items())
+    return f"set -euo pipefail; export {text}; ".replace("{", "{{").replace("}", "}}")
+
+
+shell.prefix(_shell_prefix())
 
 
 # --- paths ------------------------------------------------------------------------------------
@@ -201,16 +290,19 @@ def finetune_inputs(wildcards):
     return inputs
 
 
-def finetune_source(wildcards, input):
+def finetune_source(wildcards):
     """--mask FILE (+ --start FILE) for mask methods, --method full|lora (+ LoRA flags)
-    otherwise."""
+    otherwise. A function of the wildcards alone: Snakemake does not compare params computed
+    from the input files, and the LoRA settings must rerun LoRA when they change."""
     if wildcards.method == "lora":
-        return "--method lora " + cli_flags(config["lora"], prefix="lora_")
+        return f"--method lora {cli_flags(config['lora'], prefix='lora_')}"
     if wildcards.method in UNMASKED:
         return f"--method {wildcards.method}"
+    mask = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label)
     if wildcards.method in STARTED:
-        return f"--mask {input.mask} --start {input.start}"
-    return f"--mask {input.mask}"
+        start = start_file(wildcards.method, wildcards.task, wildcards.seed)
+        return f"--mask {mask} --start {start}"
+    return f"--mask {mask}"
 
 
 def finetune_flags(wildcards):
@@ -248,8 +340,18 @@ def task_figures(task):
     return [f"{RES}/figures/{task}/{name}" for name in names]
 
 
+def figure_options(wildcards, input):
+    """--scales/--masks/--scores-csv FILE... from the figure rules' named inputs."""
+    options = []
+    for name, paths in input.items():
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        if paths:
+            options.append(f"--{name.replace('_', '-')} " + " ".join(map(shlex.quote, paths)))
+    return " ".join(options)
+
+
 def table_files():
-    names = ("scores.csv", "table.csv", "table.md", "paired.csv")
+    names = ("scores.csv", "table.csv", "table.md", "table.html", "paired.csv")
     return [f"{RES}/{BENCH}_{name}" for name in names]
 
 
@@ -272,10 +374,14 @@ def convergence_figures():
     return figures
 
 
+def provenance_file():
+    return f"{RES}/{BENCH}_provenance.csv"
+
+
 def all_targets():
     figures = [f for task in TASKS for f in task_figures(task)]
-    return (table_files() + figures + [f"{RES}/figures/score_vs_budget.png"]
-            + convergence_figures())
+    return (table_files() + [provenance_file()] + figures
+            + [f"{RES}/figures/score_vs_budget.png"] + convergence_figures())
 
 
 wildcard_constraints:

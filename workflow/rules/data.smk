@@ -1,4 +1,6 @@
-# Read, check and tokenise (or index, for images) one task's splits, once per run.
+# Read, check and tokenise (or index, for images) one task's splits, once per run. The data
+# folder reaches the command through the environment (see common.smk); the param `source` is
+# its content (a declared task's folder, if local), so that only new data reruns this.
 
 
 rule prepare:
@@ -7,15 +9,19 @@ rule prepare:
     log:
         f"{RES}/logs/prepare/{{task}}.log",
     params:
-        cli=BAYESTUNE,
+        code=CODE["prepare"],
+        source=lambda wc: data_source(wc.task),
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
         model=config["model"],
         max_length=config["max_length"],
-        source=data_dir_flag(),
     threads: res("prepare", "threads")
     resources:
         mem_mb=res("prepare", "mem_mb"),
         runtime=res("prepare", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cli} prepare --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} python -m bayestune prepare --task {wildcards.task}"
         " --model {params.model:q} --out-dir {output} --max-length {params.max_length}"
-        " {params.source} > {log} 2>&1"
+        " {params.task_file} > {log} 2>&1"

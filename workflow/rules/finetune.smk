@@ -11,20 +11,25 @@ rule finetune:
     log:
         f"{RES}/logs/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}.log",
     params:
-        cli=BAYESTUNE,
+        code=CODE["finetune"],
         model=config["model"],
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
         out_dir=lambda wc: run_dir(wc.method, wc.task, wc.label, wc.seed),
         source=finetune_source,
         flags=finetune_flags,
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: res("finetune", "threads")
     resources:
         gpu=GPU,
         mem_mb=res("finetune", "mem_mb"),
         runtime=res("finetune", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cli} finetune --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} python -m bayestune finetune --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed}"
-        " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots} {params.source} {params.flags}"
+        " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots}"
+        " {params.source} {params.flags} {params.task_file}"
         " > {log} 2>&1"

@@ -13,7 +13,7 @@ rule mask:
     log:
         f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
-        cli=BAYESTUNE,
+        code=CODE["mask"],
         model=config["model"],
         device=config["device"],
         gpu_slots=lambda wc: gpu_slot_flags(wc.method in GRADIENT),
@@ -21,39 +21,36 @@ rule mask:
         out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
         inputs=mask_options,
         flags=mask_flags,
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: res("mask", "threads")
     resources:
         gpu=lambda wc: GPU if wc.method in GRADIENT else 0,
         mem_mb=res("mask", "mem_mb"),
         runtime=res("mask", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
+        "OMP_NUM_THREADS={threads} python -m bayestune mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
         " --budgets {params.budgets} --out-dir {params.out_dir} --device {params.device}"
-        " {params.gpu_slots} {params.inputs} {params.flags} > {log} 2>&1"
+        " {params.gpu_slots} {params.inputs} {params.flags} {params.task_file} > {log} 2>&1"
 
 
-rule mask_fixed:
+# bitfit: one mask from the architecture alone (no scores, no data, no GPU), at main_budget.
+use rule mask as mask_fixed with:
     output:
         mask_file("{method}", "{task}", "{seed}", budget_label(MAIN_BUDGET)),
     wildcard_constraints:
         method="|".join(map(re.escape, FIXED)),
-    log:
-        f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
-        cli=BAYESTUNE,
-        model=config["model"],
         budgets=budgets_flag([MAIN_BUDGET]),
-        out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
-        flags=mask_flags,
+        device="cpu",
     threads: 1
     resources:
+        gpu=0,
         mem_mb=res("mask", "mem_mb"),
         runtime=res("mask", "runtime"),
-    shell:
-        "OMP_NUM_THREADS={threads} {params.cli} mask --method {wildcards.method}"
-        " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
-        " --budgets {params.budgets} --out-dir {params.out_dir} {params.flags} > {log} 2>&1"
 
 
 use rule mask as mask_started with:

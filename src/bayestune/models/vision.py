@@ -12,7 +12,8 @@ can all carry::
   ``.npz`` file instead of the hub (timm's ``pretrained_cfg_overlay=dict(file=PATH)``, so timm's
   own checkpoint filters apply: classifier dropped, position embeddings resampled);
 * ``pretrained=false``: random encoder weights (tests, smoke runs);
-* ``img_size=N``: input resolution (the data preprocessing follows it);
+* ``img_size=N``: input resolution (the data preprocessing follows it; a convolutional network
+  takes any size, so for it only the preprocessing changes);
 * any other ``key=value`` is passed to ``timm.create_model`` (e.g. ``depth=2``,
   ``patch_size=8``), values parsed as int, float or bool where they look like one.
 
@@ -143,6 +144,19 @@ def _weights_kwargs(spec: VisionModelSpec) -> dict[str, Any]:
     return {"pretrained": True, "pretrained_cfg_overlay": overlay}
 
 
+def _create_seeded(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ENCODER_INIT_SEED)
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as err:
+            if "img_size" not in kwargs or "img_size" not in str(err):
+                raise
+    # A convolutional network takes any input size and no img_size: it then sets only the
+    # preprocessing (vision_data_config).
+    return _create_seeded(name, {k: v for k, v in kwargs.items() if k != "img_size"})
+
+
 def create_encoder(spec: VisionModelSpec) -> nn.Module:
     """The timm model as a feature extractor (``num_classes=0``), weights as the spec says."""
     _check_known(spec)
@@ -150,9 +164,7 @@ def create_encoder(spec: VisionModelSpec) -> nn.Module:
     if spec.img_size is not None:
         kwargs["img_size"] = spec.img_size
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ENCODER_INIT_SEED)
-            return timm.create_model(spec.name, **kwargs)
+        return _create_seeded(spec.name, kwargs)
     except TypeError as err:  # an option the architecture does not take
         raise ModelLoadError(f"model {spec.name!r} rejects an option: {err}") from err
     except OSError as err:  # hub unreachable and nothing cached (LocalEntryNotFoundError, ...)

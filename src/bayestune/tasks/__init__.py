@@ -1,16 +1,23 @@
 """Turn a task name into its spec, prepared data, loaders and model, whatever the benchmark.
 
 Each benchmark module (``glue``, ``vtab``) exposes the same four names: ``TASKS`` (name ->
-TaskSpec), ``prepare``, ``load_data`` and ``build_model``; this module only dispatches.
+TaskSpec), ``prepare``, ``load_data`` and ``build_model``. Tasks declared in a run config or a
+task file (:mod:`bayestune.tasks.custom`) are passed in as ``custom_tasks`` (name ->
+CustomTask); this module only dispatches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 
 from bayestune.models.base import TaskModel
+from bayestune.tasks import custom
 from bayestune.tasks.base import TaskData, TaskError, TaskSpec
+from bayestune.tasks.custom import CustomTask
+
+CustomTasks = Mapping[str, CustomTask]
 
 
 def _benchmarks() -> list[ModuleType]:
@@ -19,29 +26,66 @@ def _benchmarks() -> list[ModuleType]:
     return [glue, vtab]
 
 
-def _module_for(task: str) -> ModuleType:
+def builtin_tasks() -> list[str]:
+    return [name for module in _benchmarks() for name in module.TASKS]
+
+
+def _unknown(names: list[str], custom_tasks: CustomTasks | None) -> TaskError:
+    declared = sorted(custom_tasks or {})
+    return TaskError(
+        f"unknown task{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}; built-in "
+        f"tasks: {', '.join(builtin_tasks())}; declared tasks: "
+        f"{', '.join(declared) if declared else 'none'} (declare your own under custom_tasks: "
+        "in the run config, or in a --task-file)")
+
+
+def check_task_names(tasks: Iterable[str], custom_tasks: CustomTasks | None = None) -> None:
+    """Raise one error naming every task that is neither built in nor declared."""
+    known = set(builtin_tasks()) | set(custom_tasks or {})
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise _unknown(unknown, custom_tasks)
+
+
+def _resolve(task: str, custom_tasks: CustomTasks | None) -> ModuleType | CustomTask:
+    if custom_tasks and task in custom_tasks:
+        return custom_tasks[task]
     for module in _benchmarks():
         if task in module.TASKS:
             return module
-    known = sorted(name for module in _benchmarks() for name in module.TASKS)
-    raise TaskError(f"unknown task {task!r}; known tasks: {', '.join(known)}")
+    raise _unknown([task], custom_tasks)
 
 
-def get_task(task: str) -> TaskSpec:
-    return _module_for(task).TASKS[task]
+def get_task(task: str, custom_tasks: CustomTasks | None = None) -> TaskSpec:
+    found = _resolve(task, custom_tasks)
+    return found.spec() if isinstance(found, CustomTask) else found.TASKS[task]
 
 
 def prepare_task(task: str, model_name: str, out_dir: Path, data_dir: Path | None = None,
-                 max_length: int = 128) -> Path:
+                 max_length: int = 128, custom_tasks: CustomTasks | None = None) -> Path:
     """Read, validate and cache a task's splits under ``out_dir``; return ``out_dir``."""
-    return _module_for(task).prepare(task, model_name, Path(out_dir), data_dir, max_length)
+    found = _resolve(task, custom_tasks)
+    if isinstance(found, CustomTask):
+        if data_dir is not None:
+            raise TaskError(f"task {task!r} is declared with its own data ({found.data}); "
+                            "drop --data-dir")
+        return custom.prepare(found, model_name, Path(out_dir), max_length)
+    return found.prepare(task, model_name, Path(out_dir), data_dir, max_length)
 
 
 def load_task_data(task: str, prepared_dir: Path, batch_size: int, seed: int,
-                   eval_batch_size: int = 64) -> TaskData:
-    return _module_for(task).load_data(task, Path(prepared_dir), batch_size, seed, eval_batch_size)
+                   eval_batch_size: int = 64,
+                   custom_tasks: CustomTasks | None = None) -> TaskData:
+    found = _resolve(task, custom_tasks)
+    if isinstance(found, CustomTask):
+        return custom.load_data(found, Path(prepared_dir), batch_size, seed, eval_batch_size)
+    return found.load_data(task, Path(prepared_dir), batch_size, seed, eval_batch_size)
 
 
-def build_task_model(task: str, model_name: str, seed: int) -> TaskModel:
+def build_task_model(task: str, model_name: str, seed: int,
+                     custom_tasks: CustomTasks | None = None) -> TaskModel:
     """The pretrained encoder with a fresh head; the same seed gives the same head."""
-    return _module_for(task).build_model(task, model_name, seed)
+    found = _resolve(task, custom_tasks)
+    if isinstance(found, CustomTask):
+        return custom.build_model(found, model_name, seed)
+    return found.build_model(task, model_name, seed)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -11,6 +15,10 @@ from torch.utils.data import DataLoader
 
 from bayestune.errors import DataError
 from bayestune.models.base import TaskModel, move_batch
+
+SPLITS = ("train", "val", "test")
+VAL_CUT_SEED = 0        # the fixed permutation seed of every 90/10 train/val cut
+VAL_FRACTION = 0.1
 
 
 class TaskError(DataError):
@@ -20,7 +28,7 @@ class TaskError(DataError):
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    benchmark: str                 # "glue" or "vtab"
+    benchmark: str                 # "glue", "vtab" or "custom"
     metric_name: str               # shown in tables, e.g. "matthews", "acc_f1"
     # metric(logits, labels) -> score in natural units (x1; tables multiply by 100)
     metric: Callable[[np.ndarray, np.ndarray], float]
@@ -60,3 +68,31 @@ def evaluate(model: TaskModel, batches: Iterable[dict], spec: TaskSpec,
         labels.append(batch["labels"].cpu())
     model.train(was_training)
     return float(spec.metric(torch.cat(logits).numpy(), torch.cat(labels).numpy()))
+
+
+T = TypeVar("T")
+
+
+def split_train_val(rows: Sequence[T], seed: int = VAL_CUT_SEED,
+                    val_fraction: float = VAL_FRACTION) -> tuple[list[T], list[T]]:
+    """Cut ``rows`` into (train, val) by a seeded permutation; each part keeps the row order."""
+    n = len(rows)
+    n_val = min(n - 1, max(1, math.ceil(n * val_fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx = set(order[:n_val].tolist())
+    train = [row for i, row in enumerate(rows) if i not in val_idx]
+    val = [row for i, row in enumerate(rows) if i in val_idx]
+    return train, val
+
+
+def hash_files(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """SHA-256 over the names and bytes of ``paths`` in order: the raw data's identity in a
+    prepared cache's key, so an edited split file is never served from a stale cache."""
+    digest = hashlib.sha256()
+    for path in paths:
+        name, size = os.path.basename(path), os.path.getsize(path)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

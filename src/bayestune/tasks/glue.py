@@ -11,78 +11,49 @@ Two sources give the same three splits:
   the official train split is cut 90/10 with :data:`HUB_SPLIT_SEED`, the dev split is ``test``.
 
 Rows from either source are validated by the same code, so a bad line fails with its file and
-line number. :func:`prepare` tokenises the splits once into a cache keyed by (task, tokenizer,
-max length); :func:`load_data` serves it with padding trimmed per batch.
+line number. :func:`prepare` tokenises the splits once into a cache keyed by task, tokenizer,
+max length, source and a hash of the raw data (the split files' bytes, or the Hub dataset's
+fingerprint); :func:`load_data` serves it with padding trimmed per batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from torch.utils.data import DataLoader
 
-from bayestune.files import FileFormatError, load_token_cache, save_token_cache
 from bayestune.models.base import TaskModel
-from bayestune.models.text import build_text_model, canonical_model_name, load_tokenizer
-from bayestune.tasks.base import TaskData, TaskError, TaskSpec
+from bayestune.models.text import build_text_model
+from bayestune.tasks import tokens
+from bayestune.tasks.base import (
+    SPLITS,
+    VAL_CUT_SEED,
+    TaskData,
+    TaskError,
+    TaskSpec,
+    hash_files,
+    split_train_val,
+)
+from bayestune.tasks.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-CACHE_FILE = "tokens.safetensors"
+CACHE_FILE = tokens.CACHE_FILE
 ENV_DIR = "BAYESTUNE_GLUE_DIR"
 HUB = "hub"
-HUB_SPLIT_SEED = 0          # the fixed permutation seed of the hub source's 90/10 train/val cut
-HUB_VAL_FRACTION = 0.1
+HUB_SPLIT_SEED = VAL_CUT_SEED   # the fixed permutation seed of the hub source's 90/10 cut
 COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
 SOURCE_HELP = (
     "point bayestune at a local copy laid out as TASK/{train,val,test}.jsonl (like "
     "shared/data/glue_superglue): config key glue_dir, environment variable BAYESTUNE_GLUE_DIR, "
     "or --data-dir on the command line")
-
-
-# --- metrics: logits and labels as numpy arrays, scores in natural units ---------------------
-def _predictions(logits: np.ndarray) -> np.ndarray:
-    return np.asarray(logits).argmax(axis=-1)
-
-
-def matthews(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(matthews_corrcoef(labels, _predictions(logits)))
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(accuracy_score(labels, _predictions(logits)))
-
-
-def acc_f1(logits: np.ndarray, labels: np.ndarray) -> float:
-    preds = _predictions(logits)
-    return float((accuracy_score(labels, preds) + f1_score(labels, preds, zero_division=0)) / 2)
-
-
-def acc_macro_f1(logits: np.ndarray, labels: np.ndarray) -> float:
-    preds = _predictions(logits)
-    f1 = f1_score(labels, preds, labels=[0, 1, 2], average="macro", zero_division=0)
-    return float((accuracy_score(labels, preds) + f1) / 2)
-
-
-def pearson_spearman(logits: np.ndarray, labels: np.ndarray) -> float:
-    preds = np.asarray(logits, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-    if np.ptp(preds) == 0 or np.ptp(labels) == 0:
-        return 0.0  # correlation is undefined for a constant; count it as none, not NaN
-    return float((pearsonr(preds, labels)[0] + spearmanr(preds, labels)[0]) / 2)
 
 
 # --- registry ---------------------------------------------------------------------------------
@@ -114,14 +85,12 @@ FORMATS: dict[str, TaskFormat] = {
     "wsc": TaskFormat(("text", "target"), (False, True), "wsc", ("aps/super_glue", "wsc.fixed")),
 }
 
-_METRICS = {"cola": ("matthews", matthews), "stsb": ("pearson_spearman", pearson_spearman),
-            "mrpc": ("acc_f1", acc_f1), "rte": ("accuracy", accuracy),
-            "cb": ("acc_macro_f1", acc_macro_f1), "copa": ("accuracy", accuracy),
-            "wsc": ("accuracy", accuracy)}
+_METRICS = {"cola": "matthews", "stsb": "pearson_spearman", "mrpc": "acc_f1", "rte": "accuracy",
+            "cb": "acc_macro_f1", "copa": "accuracy", "wsc": "accuracy"}
 
 TASKS: dict[str, TaskSpec] = {
-    name: TaskSpec(name=name, benchmark="glue", metric_name=metric_name, metric=metric)
-    for name, (metric_name, metric) in _METRICS.items()
+    name: TaskSpec(name=name, benchmark="glue", metric_name=metric, metric=METRICS[metric])
+    for name, metric in _METRICS.items()
 }
 
 
@@ -250,23 +219,13 @@ def read_split_file(task: str, path: Path) -> list[dict]:
     return examples
 
 
+def split_files(task: str, data_dir: Path) -> list[Path]:
+    return [data_dir / task / f"{split}.jsonl" for split in SPLITS]
+
+
 def read_local(task: str, data_dir: Path) -> dict[str, list[dict]]:
-    return {split: read_split_file(task, data_dir / task / f"{split}.jsonl") for split in SPLITS}
-
-
-T = TypeVar("T")
-
-
-def split_train_val(rows: Sequence[T], seed: int = HUB_SPLIT_SEED,
-                    val_fraction: float = HUB_VAL_FRACTION) -> tuple[list[T], list[T]]:
-    """Cut ``rows`` into (train, val) by a seeded permutation; each part keeps the row order."""
-    n = len(rows)
-    n_val = min(n - 1, max(1, math.ceil(n * val_fraction)))
-    order = np.random.default_rng(seed).permutation(n)
-    val_idx = set(order[:n_val].tolist())
-    train = [row for i, row in enumerate(rows) if i not in val_idx]
-    val = [row for i, row in enumerate(rows) if i in val_idx]
-    return train, val
+    return {split: read_split_file(task, path)
+            for split, path in zip(SPLITS, split_files(task, data_dir), strict=True)}
 
 
 def _hub_to_local(task: str, row: dict) -> dict:
@@ -295,31 +254,46 @@ def _hub_to_local(task: str, row: dict) -> dict:
     return out
 
 
-def _load_hub_split(dataset: str, config: str, split: str) -> list[dict]:
+def _load_hub_split(dataset: str, config: str, split: str):
     import datasets
 
-    return list(datasets.load_dataset(dataset, config, split=split))
+    return datasets.load_dataset(dataset, config, split=split)
 
 
-def read_hub(task: str) -> dict[str, list[dict]]:
-    """Official train cut 90/10 into train/val (seed :data:`HUB_SPLIT_SEED`), dev as test."""
+def load_hub(task: str) -> dict[str, Any]:
+    """The official train and validation splits of ``task`` as ``datasets`` objects."""
     dataset, config = _format(task).hub
     try:
-        train_rows = _load_hub_split(dataset, config, "train")
-        dev_rows = _load_hub_split(dataset, config, "validation")
+        raw = {split: _load_hub_split(dataset, config, split) for split in ("train", "validation")}
     except Exception as err:  # offline, unknown repo, changed layout: all mean "use a folder"
         raise TaskError(f"cannot load {task} from the Hugging Face Hub ({dataset}, {config}): "
                         f"{err}. Offline, {SOURCE_HELP}.") from err
-    where = f"hub {dataset}/{config}"
-    if not train_rows or not dev_rows:
-        raise TaskError(f"{where}: empty split on the Hub; {SOURCE_HELP}")
+    if not all(len(rows) for rows in raw.values()):
+        raise TaskError(f"hub {dataset}/{config}: empty split on the Hub; {SOURCE_HELP}")
+    return raw
 
-    def clean(rows: list[dict], split: str) -> list[dict]:
+
+def hub_fingerprint(raw: dict[str, Any]) -> str:
+    """The ``datasets`` fingerprints of the loaded splits: they change with the Hub's files."""
+    def one(rows) -> str:
+        found = getattr(rows, "_fingerprint", None)
+        return found or hashlib.sha256(repr(list(rows)).encode()).hexdigest()
+
+    return "/".join(f"{split}:{one(rows)}" for split, rows in raw.items())
+
+
+def read_hub(task: str, raw: dict[str, Any] | None = None) -> dict[str, list[dict]]:
+    """Official train cut 90/10 into train/val (seed :data:`HUB_SPLIT_SEED`), dev as test."""
+    raw = load_hub(task) if raw is None else raw
+    dataset, config = _format(task).hub
+    where = f"hub {dataset}/{config}"
+
+    def clean(rows, split: str) -> list[dict]:
         return [validate_row(task, _hub_to_local(task, r), f"{where} {split} row {i}")
                 for i, r in enumerate(rows)]
 
-    train, val = split_train_val(clean(train_rows, "train"))
-    return {"train": train, "val": val, "test": clean(dev_rows, "validation")}
+    train, val = split_train_val(clean(raw["train"], "train"), HUB_SPLIT_SEED)
+    return {"train": train, "val": val, "test": clean(raw["validation"], "validation")}
 
 
 def resolve_source(data_dir: str | os.PathLike[str] | None) -> Path | str:
@@ -343,17 +317,6 @@ def read_splits(task: str, data_dir: str | os.PathLike[str] | None = None) -> di
 
 
 # --- tokenisation -----------------------------------------------------------------------------
-def _encode(tokenizer, first: list[str], second: list[str] | None, max_length: int, **extra):
-    return tokenizer(first, second, truncation=True, max_length=max_length, padding=True,
-                     return_tensors="pt", **extra)
-
-
-def _model_inputs(enc, tokenizer) -> dict[str, torch.Tensor]:
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
-             if n in enc and n in tokenizer.model_input_names]
-    return {n: enc[n].to(torch.int32) for n in names}
-
-
 def _span_mask(enc, row: int, span: tuple[int, int], example: dict,
                max_length: int) -> torch.Tensor:
     start, end = span
@@ -374,100 +337,59 @@ def tokenize_examples(task: str, examples: list[dict], tokenizer, max_length: in
     if fmt.head == "copa":
         firsts = [f"{e['premise']} {COPA_QUESTIONS[e['question']]}" for e in examples for _ in "12"]
         choices = [e[c] for e in examples for c in ("choice1", "choice2")]
-        out = _model_inputs(_encode(tokenizer, firsts, choices, max_length), tokenizer)
+        out = tokens.model_inputs(tokens.encode(tokenizer, firsts, choices, max_length), tokenizer)
         out = {k: v.view(len(examples), 2, -1) for k, v in out.items()}
     elif fmt.head == "wsc":
-        enc = _encode(tokenizer, [e["text"] for e in examples], None, max_length,
+        enc = tokens.encode(tokenizer, [e["text"] for e in examples], None, max_length,
                       return_offsets_mapping=True)
-        out = _model_inputs(enc, tokenizer)
+        out = tokens.model_inputs(enc, tokenizer)
         for k in ("span1", "span2"):
             out[f"{k}_mask"] = torch.stack([_span_mask(enc, i, e[k], e, max_length)
                                             for i, e in enumerate(examples)])
     else:
         first = [e[fmt.fields[0]] for e in examples]
         second = [e[fmt.fields[1]] for e in examples] if len(fmt.fields) > 1 else None
-        out = _model_inputs(_encode(tokenizer, first, second, max_length), tokenizer)
+        out = tokens.model_inputs(tokens.encode(tokenizer, first, second, max_length), tokenizer)
     dtype = torch.float32 if fmt.labels is None else torch.int64
     out["labels"] = torch.tensor([e["label"] for e in examples], dtype=dtype)
     return out
 
 
 # --- the four names the dispatcher uses -------------------------------------------------------
-def _cache_key(task: str, model_name: str, max_length: int) -> dict:
-    return {"task": task, "tokenizer": canonical_model_name(model_name), "max_length": max_length}
-
-
-def _cache_matches(path: Path, key: dict) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        _, meta = load_token_cache(path)
-    except FileFormatError:
-        return False
-    return all(meta.get(k) == v for k, v in key.items())
-
-
 def prepare(task: str, model_name: str, out_dir: str | os.PathLike[str],
             data_dir: str | os.PathLike[str] | None = None, max_length: int = 128) -> Path:
-    """Read, validate and tokenise the three splits into ``out_dir/tokens.safetensors``."""
+    """Read, validate and tokenise the three splits into ``out_dir/tokens.safetensors``.
+
+    The cache is reused only when task, tokenizer, max length, source and the raw data's hash
+    all match; an edited split file or another source is tokenised again.
+    """
     _format(task)
-    out_dir = Path(out_dir)
-    cache, key = out_dir / CACHE_FILE, _cache_key(task, model_name, max_length)
-    if _cache_matches(cache, key):
-        log.info("%s: token cache %s is up to date", task, cache)
-        return out_dir
     source = resolve_source(data_dir)
-    examples = read_splits(task, source)
-    tokenizer = load_tokenizer(model_name)
-    tokenizer.padding_side = "right"  # load_data trims padding off the right end
+    if source == HUB:
+        raw = load_hub(task)
+        source_name, data_hash = "hub:" + "/".join(FORMATS[task].hub), hub_fingerprint(raw)
+    else:
+        paths = split_files(task, Path(source))
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            read_split_file(task, missing[0])  # raises the missing-file error
+        source_name, data_hash = str(Path(source).resolve()), hash_files(paths)
+    key = tokens.cache_key(task, model_name, max_length, source_name, data_hash)
+    if tokens.cache_is_current(out_dir, key):
+        log.info("%s: token cache in %s is up to date", task, out_dir)
+        return Path(out_dir)
+    examples = read_hub(task, raw) if source == HUB else read_local(task, Path(source))
+    tokenizer = tokens.tokenizer_for(model_name)
     tensors = {s: tokenize_examples(task, examples[s], tokenizer, max_length) for s in SPLITS}
-    rows = {s: len(examples[s]) for s in SPLITS}
-    save_token_cache(cache, tensors, {**key, "rows": rows, "source": str(source)})
-    log.info("%s: %s rows from %s -> %s", task,
-             ", ".join(f"{s} {n}" for s, n in rows.items()), source, cache)
-    return out_dir
-
-
-class _TrimCollate:
-    """Gather rows by index and cut the padding columns that no row of the batch uses."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.tensor(indices)
-        batch = {k: v[idx] for k, v in self.tensors.items()}
-        length = int(batch["attention_mask"].sum(-1).max())
-        for k, v in batch.items():
-            if k == "labels":
-                continue
-            v = v[..., :length]
-            batch[k] = v if v.dtype == torch.bool else v.long()
-        return batch
-
-
-def _loader(tensors: dict[str, torch.Tensor], batch_size: int,
-            generator: torch.Generator | None = None) -> DataLoader:
-    n = len(tensors["labels"])
-    return DataLoader(range(n), batch_size=batch_size, shuffle=generator is not None,
-                      generator=generator, collate_fn=_TrimCollate(tensors))
+    return tokens.write_cache(out_dir, tensors, key, {s: len(examples[s]) for s in SPLITS})
 
 
 def load_data(task: str, prepared_dir: str | os.PathLike[str], batch_size: int, seed: int,
               eval_batch_size: int = 64) -> TaskData:
     """Loaders over the token cache: train shuffled by its own generator, val/test in order."""
     _format(task)
-    path = Path(prepared_dir) / CACHE_FILE
-    if not path.is_file():
-        raise TaskError(f"{path}: no token cache; run `bayestune prepare --task {task} ...` first")
-    splits, meta = load_token_cache(path)
-    if meta.get("task") != task:
-        raise TaskError(f"{path}: token cache of task {meta.get('task')!r}, not {task!r}; "
-                        "point at the right prepared folder")
-    generator = torch.Generator().manual_seed(seed)
-    return TaskData(train=_loader(splits["train"], batch_size, generator),
-                    val=_loader(splits["val"], eval_batch_size),
-                    test=_loader(splits["test"], eval_batch_size), seed=seed)
+    splits, _ = tokens.read_cache(task, prepared_dir)
+    return tokens.text_loaders(splits, batch_size, seed, eval_batch_size)
 
 
 def build_model(task: str, model_name: str, seed: int) -> TaskModel:

@@ -223,10 +223,10 @@ class ImageListDataset(Dataset):
                 "labels": torch.tensor(self.labels[index], dtype=torch.long)}
 
 
-def _read_manifest(task: str, prepared_dir: Path) -> dict[str, Any]:
+def read_manifest(task: str, prepared_dir: Path) -> dict[str, Any]:
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
-        raise TaskError(f"{path}: no prepared VTAB-1k data; run `bayestune prepare --task {task}`")
+        raise TaskError(f"{path}: no prepared image data; run `bayestune prepare --task {task}`")
     manifest = read_json(path)
     if manifest.get("task") != task:
         raise TaskError(f"{path}: prepared for task {manifest.get('task')!r}, not {task!r}; "
@@ -234,12 +234,10 @@ def _read_manifest(task: str, prepared_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_data(task: str, prepared_dir: Path, batch_size: int, seed: int,
-              eval_batch_size: int = 64, num_workers: int = 0) -> TaskData:
-    """Loaders over a prepared task; train shuffles with its own generator (see TaskData)."""
-    _spec(task)
-    manifest = _read_manifest(task, prepared_dir)
-    splits, preprocess = manifest["splits"], manifest["preprocess"]
+def image_loaders(splits: Mapping[str, Mapping[str, list]], preprocess: Mapping[str, Any],
+                  batch_size: int, seed: int, eval_batch_size: int = 64,
+                  num_workers: int = 0) -> TaskData:
+    """Loaders over ``{split: {"paths", "labels"}}``; train shuffles with its own generator."""
 
     def dataset(split: str, cache: bool) -> ImageListDataset:
         return ImageListDataset(splits[split]["paths"], splits[split]["labels"], preprocess, cache)
@@ -254,6 +252,15 @@ def load_data(task: str, prepared_dir: Path, batch_size: int, seed: int,
         test=DataLoader(dataset("test", False), batch_size=eval_batch_size, **common),
         seed=seed,
     )
+
+
+def load_data(task: str, prepared_dir: Path, batch_size: int, seed: int,
+              eval_batch_size: int = 64, num_workers: int = 0) -> TaskData:
+    """Loaders over a prepared task; train shuffles with its own generator (see TaskData)."""
+    _spec(task)
+    manifest = read_manifest(task, prepared_dir)
+    return image_loaders(manifest["splits"], manifest["preprocess"], batch_size, seed,
+                         eval_batch_size, num_workers)
 
 
 def build_model(task: str, model_name: str, seed: int) -> TaskModel:

@@ -1,0 +1,174 @@
+"""Reruns that are right, on one finished tiny run (one task, one budget, about a minute):
+
+* a change to the code a stage runs reruns that stage and what follows, and nothing else;
+* new raw data reruns everything built from it;
+* how a run is started (the data folder's spelling or place, progress bars, the interpreter's
+  path) reruns nothing;
+* the run's files carry their provenance.
+
+Each check is a dry run (`snakemake -n`) counting the jobs it would run. Edits are made to the
+run's own copy of the package and undone after each test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from test_workflow import BIN, REPO, copy_workflow, job_counts, run_env
+
+from bayestune import files, provenance
+
+pytestmark = pytest.mark.slow
+
+# The tables and every figure: one task, so one job each.
+REPORTING = {"report": 1, "task_figures": 1, "score_figure": 1, "val_curves": 1,
+             "paired_figure": 1, "all": 1}
+# Everything built from the task's data: the random mask reads no data, so it stays.
+FROM_DATA = {"prepare": 1, "sample": 1, "mask": 1, "finetune": 3, **REPORTING}
+
+
+def tiny_config(run: Path, glue_dir: str, **changes) -> Path:
+    config = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    config.update(tasks=["cb"], budgets=[0.02], main_budget=0.02, glue_dir=glue_dir, **changes)
+    path = run / f"tiny-{len(list(run.glob('tiny-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = run_env(**extra)
+    if "BAYESTUNE_GLUE_DIR" not in extra:
+        env.pop("BAYESTUNE_GLUE_DIR", None)  # the config's glue_dir decides
+    return env
+
+
+def planned(run: Path, config: Path, *, python: str | Path = sys.executable,
+            env: dict[str, str] | None = None) -> dict[str, int]:
+    """Jobs per rule that `snakemake -n` would run ({} when everything is up to date)."""
+    result = subprocess.run([str(python), "-m", "snakemake", "-n", "--cores", "1",
+                             "--configfile", str(config)], cwd=run, env=env or environment(),
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    if "Nothing to be done" in output:
+        return {}
+    counts = job_counts(output)
+    counts.pop("total")
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, glue_dir) -> tuple[Path, Path]:
+    """The workflow and a copy of the package, run to the end once; the data folder is given
+    relative to the run, as the configs give it."""
+    run = copy_workflow(tmp_path_factory.mktemp("reruns"))
+    shutil.copytree(REPO / "src", run / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    config = tiny_config(run, os.path.relpath(glue_dir, run))
+    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2", "--configfile", str(config)],
+                            cwd=run, env=environment(), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert planned(run, config) == {}
+    return run, config
+
+
+@contextmanager
+def edited(path: Path) -> Iterator[None]:
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# an edit\n")
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def test_editing_the_sampler_reruns_stage_one_and_what_follows_only(finished):
+    run, config = finished
+    with edited(run / "src/bayestune/sampler.py"):
+        counts = planned(run, config)
+    # bayestune's mask and run; the random mask, the random and full runs and prepare stay.
+    assert counts == {"sample": 1, "mask": 1, "finetune": 1, **REPORTING}
+
+
+def test_editing_the_reports_reruns_only_the_report_rules(finished):
+    run, config = finished
+    with edited(run / "src/bayestune/reports.py"):
+        counts = planned(run, config)
+    assert counts == REPORTING
+
+
+def test_editing_fine_tuning_reruns_every_fine_tuning_run(finished):
+    run, config = finished
+    with edited(run / "src/bayestune/finetune.py"):
+        counts = planned(run, config)
+    # The figures share the report's modules (reports.py -> sweep.py -> finetune.py).
+    assert counts == {"finetune": 3, **REPORTING}
+
+
+def test_new_raw_data_reruns_everything_built_from_it(finished, glue_dir, tmp_path):
+    run, config = finished
+    changed = tmp_path / "glue" / "cb"
+    changed.mkdir(parents=True)
+    for split in ("train", "test"):
+        (changed / f"{split}.jsonl").symlink_to(glue_dir / "cb" / f"{split}.jsonl")
+    rows = (glue_dir / "cb" / "val.jsonl").read_text().splitlines(keepends=True)
+    (changed / "val.jsonl").write_text("".join(rows[:-1]))  # one validation row fewer
+    counts = planned(run, config, env=environment(BAYESTUNE_GLUE_DIR=str(changed.parent)))
+    assert counts == FROM_DATA
+
+
+def test_the_same_data_elsewhere_or_spelled_otherwise_reruns_nothing(finished, glue_dir,
+                                                                     tmp_path):
+    run, config = finished
+    assert planned(run, config, env=environment(BAYESTUNE_GLUE_DIR=str(glue_dir))) == {}
+    moved = tmp_path / "moved"
+    moved.symlink_to(glue_dir, target_is_directory=True)
+    assert planned(run, config, env=environment(BAYESTUNE_GLUE_DIR=str(moved))) == {}
+    absolute = tiny_config(run, str(glue_dir.resolve()))
+    assert planned(run, absolute) == {}
+
+
+def test_progress_bars_rerun_nothing(finished):
+    run, config = finished
+    settings = yaml.safe_load(config.read_text())
+    assert planned(run, tiny_config(run, settings["glue_dir"], progress=True)) == {}
+
+
+def test_another_interpreter_path_reruns_nothing(finished, tmp_path):
+    """The same virtual environment reached through another path, as after moving it."""
+    run, config = finished
+    moved = tmp_path / "elsewhere" / "venv"
+    moved.parent.mkdir()
+    moved.symlink_to(Path(sys.prefix), target_is_directory=True)
+    assert planned(run, config, python=moved / "bin" / "python") == {}
+
+
+def test_finished_run_records_provenance(finished):
+    run, _ = finished
+    results = run / "results/tiny"
+    metrics = files.read_json(results / "finetune/bayestune/cb/p0.02/seed0/metrics.json")
+    record = metrics["provenance"]
+    package = run / "src/bayestune"
+    assert record["command"] == "finetune" and record["device"] == "cpu"
+    assert record["code_sha256"] == provenance.command_code_hash("finetune", package)
+    assert record["lock_sha256"] is None  # the run's copy has no requirements.lock beside it
+    assert record["torch"] and record["transformers"] and len(record["config_sha256"]) == 64
+    assert set(metrics["upstream"]) == {"mask", "scales"}
+    assert metrics["upstream"]["scales"]["code_sha256"] == provenance.command_code_hash(
+        "sample", package)
+    _, delta_meta = files.load_delta(results / "finetune/bayestune/cb/p0.02/seed0/"
+                                     "delta.safetensors")
+    assert delta_meta["provenance"] == record
+    table = pd.read_csv(results / "glue_provenance.csv")
+    assert len(table) == 3 + 2 + 1  # three runs, bayestune's and random's masks, one scale file
+    markdown = (results / "glue_table.md").read_text()
+    assert "## Provenance" in markdown and "Warning" not in markdown
