@@ -259,9 +259,12 @@ def test_snakemake_outside_the_repository_root_stops_at_once(tmp_path):
     from test_workflow import copy_workflow, snakemake
 
     root = copy_workflow(tmp_path / "repo")
-    inside = snakemake(root / "workflow", "-n", "--cores", "1", "--configfile",
-                       "../config/demo.yaml")
-    printed = inside.stdout + inside.stderr
-    assert inside.returncode != 0
+    args = ("-n", "--cores", "1", "--configfile", "../config/demo.yaml")
+    inside = snakemake(root / "workflow", *args)  # no Snakefile here: snakemake says so
+    pointed = snakemake(root / "workflow", "--snakefile", "../Snakefile", *args)
+    for run in (inside, pointed):
+        assert run.returncode != 0
+        assert "Nothing to be done" not in run.stdout + run.stderr
+    assert "no snakefile found" in (inside.stdout + inside.stderr).lower()
+    printed = pointed.stdout + pointed.stderr
     assert f"run Snakemake from the repository root, {root.resolve()}" in printed
-    assert "Nothing to be done" not in printed

@@ -144,7 +144,7 @@ def test_rules_name_the_environment_and_tables_run_locally():
     with SnakemakeApi(OutputSettings()) as api:
         workflow = api.workflow(resource_settings=ResourceSettings(),
                                 config_settings=ConfigSettings(),
-                                snakefile=REPO / "workflow/Snakefile", workdir=REPO)._workflow
+                                snakefile=REPO / "Snakefile", workdir=REPO)._workflow
         rules = {rule.name: rule for rule in workflow.rules}
         stages = ("prepare", "sample", "mask", "finetune")  # mask_fixed, mask_started too
         compute = {name for name in rules if name.startswith(stages)}

@@ -28,7 +28,7 @@ from bayestune.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: snakemake, dvc and bayestune live there
-WORKFLOW_FILES = ["workflow", "config", "profiles", "dvc.yaml", ".dvcignore",
+WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".dvcignore",
                   "tests/config"]
 GLUE_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
 ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "lt-sft", "fisher", "sam",

@@ -333,8 +333,8 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     from bayestune.cli import build_parser
 
     root = Path(root).resolve()
-    if not any((root / name).is_file() for name in ("Snakefile", "workflow/Snakefile")):
-        raise PlanError(f"no Snakefile in {root} or its workflow/: run bayestune plan from the "
+    if not (root / "Snakefile").is_file():
+        raise PlanError(f"no Snakefile in {root}: run bayestune plan from the "
                         "repository root (or give --directory)")
     if not Path(root, configfile).is_file():
         raise PlanError(f"{configfile}: no such config file (paths are relative to {root})")

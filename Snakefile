@@ -1,10 +1,9 @@
 # bayestune workflow: data prep -> stage-1 scales -> masks at budgets -> masked fine-tuning
 # -> tables and figures. Every rule calls one `bayestune` subcommand; the file layout is in
-# rules/common.smk. Run it from the repository root: `snakemake --cores all` finds this file.
+# workflow/rules/common.smk. Run it from the repository root: `snakemake --cores all` finds
+# this file there.
 
 import sys
-from pathlib import Path
-
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -14,7 +13,7 @@ min_version("9.0")
 
 # Every path (config, data, results) is relative to the repository root; run from anywhere
 # else, the run would read another config or none and find "nothing to be done".
-REPO_ROOT = Path(workflow.current_basedir).parent.resolve()
+REPO_ROOT = Path(workflow.current_basedir).resolve()
 if Path.cwd().resolve() != REPO_ROOT:
     raise WorkflowError(
         f"run Snakemake from the repository root, {REPO_ROOT} (this run is in {Path.cwd()}): "
@@ -29,12 +28,12 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-validate(config, "schemas/config.schema.yaml")
+validate(config, "workflow/schemas/config.schema.yaml")
 
 # The package beside this workflow (src/ of the checkout) is the one read here and run by every
 # job, so the code hashes that decide reruns describe the code the jobs run. A copy of the
 # workflow without src/ uses the installed package.
-PACKAGE_SRC = Path(workflow.basedir).parent / "src"
+PACKAGE_SRC = Path(workflow.basedir) / "src"
 if (PACKAGE_SRC / "bayestune" / "__init__.py").is_file():
     sys.path.insert(0, str(PACKAGE_SRC))
 else:
@@ -46,10 +45,10 @@ if config["container"]:
     container: config["container"]
 
 
-report: "report/workflow.rst"
+report: "workflow/report/workflow.rst"
 
 
-include: "rules/common.smk"
+include: "workflow/rules/common.smk"
 
 
 rule all:
@@ -67,8 +66,8 @@ localrules:
     paired_figure,
 
 
-include: "rules/data.smk"
-include: "rules/scales.smk"
-include: "rules/masks.smk"
-include: "rules/finetune.smk"
-include: "rules/report.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/scales.smk"
+include: "workflow/rules/masks.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/report.smk"
