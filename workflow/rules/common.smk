@@ -193,7 +193,8 @@ def task_file_flag(task):
 
 
 def task_declaration(task):
-    """A declared task's content (a rule param: an edit reruns the rule); '' if built in."""
+    """A declared task's content, a param of the rules that read it (an edit reruns them);
+    '' for a built-in task."""
     return CUSTOM_TASKS[task].fingerprint() if task in CUSTOM_TASKS else ""
 
 
