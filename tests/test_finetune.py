@@ -13,14 +13,13 @@ from bayestune.finetune import (
     FinetuneConfig,
     MaskedUpdater,
     finetune,
-    first_examples,
     make_updater,
     train_step,
 )
 from bayestune.masks import masks_from_scores
 from bayestune.models.text import build_text_model_from_config
 from bayestune.optim import TransformersAdamW, jiant_schedule, no_decay_names
-from bayestune.tasks.base import TaskData, TaskSpec
+from bayestune.tasks.base import TaskData, TaskSpec, first_examples
 
 VOCAB, LENGTH = 120, 12
 

@@ -117,10 +117,10 @@ def sampler_config_from_args(args: argparse.Namespace):
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from bayestune import files
-    from bayestune.finetune import val_scorer
     from bayestune.models.base import resolve_device, task_loss
     from bayestune.sampler import sample_scales, write_scale_file
     from bayestune.scale_checks import weight_scale
+    from bayestune.tasks.base import val_scorer
 
     config = sampler_config_from_args(args)
     spec, model, data = _model_and_data(args)

@@ -25,7 +25,7 @@ them), and the reported validation score is that step's score on the whole split
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -38,7 +38,7 @@ from bayestune.errors import ConfigError, DataError
 from bayestune.files import check_matches_model
 from bayestune.models.base import TaskModel, move_batch, resolve_device
 from bayestune.optim import LengthRule, TransformersAdamW, jiant_schedule, no_decay_names
-from bayestune.tasks.base import TaskData, TaskSpec, evaluate
+from bayestune.tasks.base import TaskData, TaskSpec, evaluate, val_scorer
 
 SCHEDULES = ("linear", "reference")
 
@@ -264,27 +264,6 @@ def train_step(model: nn.Module, batch: dict, updater: FullUpdater | MaskedUpdat
     if scheduler is not None:
         scheduler.step()
     return float(loss.detach())
-
-
-def first_examples(batches: Iterable[dict], n: int) -> Iterable[dict]:
-    """The first ``n`` examples of a batch stream (all of them when ``n`` is 0), the last batch
-    cut to size."""
-    left = n
-    for batch in batches:
-        if n and left <= 0:
-            return
-        size = len(batch["labels"])
-        if n and size > left:
-            batch = {k: v[:left] if torch.is_tensor(v) else v for k, v in batch.items()}
-        left -= size
-        yield batch
-
-
-def val_scorer(data: TaskData, spec: TaskSpec, n_examples: int,
-               device: torch.device | str) -> Callable[[nn.Module], float]:
-    """``score(model)``: the task metric on the first ``n_examples`` validation examples (0: the
-    whole split), as jiant selects on its first 500; what stage 1's length rule calls."""
-    return lambda model: evaluate(model, first_examples(data.val, n_examples), spec, device)
 
 
 def _train_batches(data: TaskData) -> Iterable[dict]:

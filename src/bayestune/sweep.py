@@ -116,11 +116,11 @@ def _task_data_cache(job: SweepJob, config: Mapping[str, Any]):
 def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str):
     """The job's mask at the main budget (None for full and lora) and the number of lambda
     samples behind it. Stage 1 runs on a copy: ``model`` stays at theta0 for stage 2."""
-    from bayestune.finetune import val_scorer
     from bayestune.methods import MethodConfig, select_masks
     from bayestune.models.base import resolve_device, task_loss
     from bayestune.sampler import sample_scales, sampler_config_from_section
     from bayestune.tasks import get_task
+    from bayestune.tasks.base import val_scorer
 
     if job.method in ("full", "lora"):
         return None, 0

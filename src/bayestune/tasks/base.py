@@ -70,6 +70,27 @@ def evaluate(model: TaskModel, batches: Iterable[dict], spec: TaskSpec,
     return float(spec.metric(torch.cat(logits).numpy(), torch.cat(labels).numpy()))
 
 
+def first_examples(batches: Iterable[dict], n: int) -> Iterable[dict]:
+    """The first ``n`` examples of a batch stream (all of them when ``n`` is 0), the last batch
+    cut to size."""
+    left = n
+    for batch in batches:
+        if n and left <= 0:
+            return
+        size = len(batch["labels"])
+        if n and size > left:
+            batch = {k: v[:left] if torch.is_tensor(v) else v for k, v in batch.items()}
+        left -= size
+        yield batch
+
+
+def val_scorer(data: TaskData, spec: TaskSpec, n_examples: int,
+               device: torch.device | str) -> Callable[[TaskModel], float]:
+    """``score(model)``: the task metric on the first ``n_examples`` validation examples (0: the
+    whole split), as jiant selects on its first 500; what stage 1's length rule calls."""
+    return lambda model: evaluate(model, first_examples(data.val, n_examples), spec, device)
+
+
 T = TypeVar("T")
 
 
