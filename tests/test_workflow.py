@@ -255,7 +255,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
     metrics.mkdir(parents=True)
     (metrics / "metrics.json").write_text("{}")
     (metrics / "delta.safetensors").write_text("")
-    targets = ["results/tiny/scales/cb/seed0.safetensors",          # sample: GPU
+    targets = ["results/tiny/scales/exact/cb/seed0.safetensors",          # sample: GPU
                "results/tiny/finetune/full/cb/all/seed1/metrics.json",  # finetune: GPU
                "results/tiny/masks/fisher/cb/seed0/p0.005.safetensors",  # gradient mask: GPU
                "results/tiny/masks/random/cb/seed0/p0.005.safetensors"]  # random mask: no GPU
@@ -380,10 +380,10 @@ def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, glue_dir):
     tiny = yaml.safe_load((run / "tests/config/tiny.yaml").read_text())
     config = write_config(run / "resume.yaml", run / "tests/config/tiny.yaml", tasks=["cb"],
                           sampler={**tiny["sampler"], "steps": 24, "checkpoint_every": 8})
-    target = "results/tiny/scales/cb/seed0.safetensors"
+    target = "results/tiny/scales/exact/cb/seed0.safetensors"
     command = [str(BIN / "snakemake"), target, "--cores", "1", "--rerun-incomplete",
                "--configfile", str(config)]
-    checkpoint = run / "results/tiny/scales/cb/seed0.ckpt"
+    checkpoint = run / "results/tiny/scales/exact/cb/seed0.ckpt"
     proc = subprocess.Popen(command, cwd=run, env=run_env(glue_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 240

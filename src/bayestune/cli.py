@@ -403,6 +403,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     reports.write_tables(scores, args.out_dir, args.benchmark, args.model,
                          reference=args.reference, main_budget=format(args.main_budget, "g"))
     reports.write_provenance(args.metrics, args.out_dir, args.benchmark)
+    reports.write_selection(args.metrics, args.out_dir, args.benchmark)
     reports.write_table_html(args.out_dir, args.benchmark)
 
 

@@ -203,7 +203,14 @@ def job_steps(args: Namespace) -> list[tuple[str, int]]:
         config = sampler_config_from_args(args)  # the preset with the flags on top
         return [("stage1", config.steps if config.patience == 0 else config.shortest_run)]
     if args.command == "finetune":
-        steps = args.max_steps or args.min_steps + 1  # no cap: the least the run can take
+        from bayestune.selection import parse_candidates
+
+        # every candidate of the fair protocol trains in turn in the one job
+        candidates = parse_candidates(args.candidates) if args.candidates else [{}]
+        steps = 0
+        for candidate in candidates:
+            most, least = (candidate.get(k, getattr(args, k)) for k in ("max_steps", "min_steps"))
+            steps += most or least + 1  # no cap: the least the run can take
         return [("stage2" if args.mask is not None else "adamw", steps)]
     if args.command == "mask" and args.method in SCORING_STEPS:
         option, passes = SCORING_STEPS[args.method]
