@@ -202,7 +202,8 @@ def test_tiny_run_with_a_cancelled_sampler(cluster, packages_installed_in, tmp_p
     assert not checkpoint.exists()  # the finished run dropped it
 
     # The table is a local rule: it runs beside Snakemake, not through sbatch.
-    assert {rule for _, rule, _ in jobs} == {"prepare", "sample", "mask", "finetune"}, context
+    assert {rule for _, rule, _ in jobs} == {"prepare", "sample", "mask_bayestune", "finetune"}, \
+        context
     table = pd.read_csv(run / "results/tiny/glue_table.csv", dtype={"budget": str})
     assert set(zip(table.method, table.budget, strict=True)) == {("full", "-"),
                                                                  ("bayestune", "0.005")}

@@ -33,6 +33,10 @@ WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".d
 GLUE_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
 ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "lt-sft", "fisher", "sam",
                "lora"}
+# The fair protocol at its smallest: two candidates per method, bayestune's two presets.
+TINY_TUNING = {"candidates": 2, "grid": {
+    "default": [{"lr": 1e-3}, {"lr": 3e-3}], "full": [{"lr": 5e-5}, {"lr": 2e-4}],
+    "bayestune": [{"preset": "exact", "lr": 1e-3}, {"preset": "cold", "lr": 1e-3}]}}
 
 
 def copy_workflow(dst: Path) -> Path:
@@ -168,7 +172,8 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
     assert counts == {
         "prepare": tasks,
         "sample": tasks * seeds,
-        "mask": (budgeted - 1) * tasks * seeds,    # one job writes every budget's mask
+        "mask": (budgeted - 2) * tasks * seeds,    # one job writes every budget's mask
+        "mask_bayestune": tasks * seeds,           # one per stage-1 preset the grid names
         "mask_started": tasks * seeds,             # magnitude: its masks and stage 2's start
         "mask_fixed": tasks * seeds,               # bitfit
         "finetune": runs_per_task_seed * tasks * seeds,
@@ -223,6 +228,19 @@ def test_dry_run_names_an_unknown_method_and_the_known_ones(tmp_path, workdir):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "unknown method(s) magprune; known methods: full, lora, bitfit" in output
+
+
+def test_dry_run_refuses_unequal_candidate_counts(tmp_path, workdir):
+    # bayestune's second preset is a third candidate: more selection than the other methods get
+    unfair = {"grid": {**TINY_TUNING["grid"], "bayestune": [
+        *TINY_TUNING["grid"]["bayestune"], {"preset": "cold", "lr": 3e-3}]}}
+    config = write_config(tmp_path / "unfair.yaml", workdir / "tests/config/tiny.yaml",
+                          tuning=unfair)
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "unfair tuning: every method must choose among 3 candidates on validation" in (
+        result.stdout + result.stderr)
+    assert "bayestune: 3, random: 2, full: 2" in result.stdout + result.stderr
 
 
 # --- SLURM profile, stub cluster ---------------------------------------------------------------
@@ -303,10 +321,14 @@ def dvc(cwd: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, glue_dir):
-    """The tiny config through `dvc repro` once: a copy of dvc.yaml's glue stage, tiny entry."""
+    """The tiny config with a tuning grid through `dvc repro` once: a copy of dvc.yaml's glue
+    stage, tiny entry."""
     run = copy_workflow(tmp_path_factory.mktemp("dvc"))
+    write_config(run / "tests/config/tiny_fair.yaml", run / "tests/config/tiny.yaml",
+                 tuning=TINY_TUNING)
     stages = yaml.safe_load((run / "dvc.yaml").read_text())
-    tiny = {"config": "tests/config/tiny.yaml", "results": "results/tiny", "data": "data/tiny"}
+    tiny = {"config": "tests/config/tiny_fair.yaml", "results": "results/tiny",
+            "data": "data/tiny"}
     stages["stages"]["glue"]["foreach"] = {"tiny": tiny}
     del stages["stages"]["vtab"]
     (run / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
@@ -346,6 +368,15 @@ def test_tiny_run_writes_tables_and_figures(tiny_run):
     # six steps, an evaluation every three: every run ends at max_steps with its best among
     # its last two evaluations, so each is flagged as still improving
     assert set(scores.stop_reason) == {"max_steps"} and scores.still_improving.all()
+    # the fair protocol: two candidates each, chosen on validation, every candidate listed
+    assert (scores.candidates == 2).all()
+    assert set(scores[scores.method == "bayestune"].chosen_preset) <= {"exact", "cold"}
+    selection = pd.read_csv(results / "glue_selection.csv", dtype={"budget": str})
+    keys = ["method", "task", "seed", "budget"]
+    assert len(selection) == 20 and selection.groupby(keys).chosen.sum().eq(1).all()
+    chosen = selection[selection.chosen].set_index(keys).val_score.sort_index()
+    assert chosen.equals(selection.groupby(keys).val_score.max().sort_index())
+    assert set(selection[selection.method == "full"].lr) == {5e-5, 2e-4}
     assert "†" in (results / "glue_table.md").read_text()
     paired = pd.read_csv(results / "glue_paired.csv", dtype={"budget": str})
     assert set(zip(paired.method, paired.budget, paired.pairs, strict=True)) == {
@@ -370,7 +401,7 @@ def test_dvc_repro_again_does_nothing(tiny_run):
     tracked = {out["path"] for out in lock["outs"]}
     assert {"data/tiny", "results/tiny/scales", "results/tiny/masks",
             "results/tiny/finetune"} <= tracked
-    assert "tests/config/tiny.yaml" in lock["params"]
+    assert "tests/config/tiny_fair.yaml" in lock["params"]
 
 
 # --- resume after a kill ------------------------------------------------------------------------
