@@ -445,6 +445,46 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         log.info("wrote %s", plot_sweep(table, Path(args.out).with_suffix(".png")))
 
 
+def cmd_render_jobs(args: argparse.Namespace) -> None:
+    from bayestune import jobs
+
+    listed = jobs.render_jobs(args.configfile, args.directory)
+    jobs.write_job_list(args.out, listed, args.configfile)
+    log.info("wrote %d jobs of %s to %s", len(listed), args.configfile, args.out)
+
+
+def cmd_carry_model(args: argparse.Namespace) -> None:
+    from bayestune import jobs
+
+    log.info("wrote %s", jobs.carry_model(args.model, args.out))
+
+
+def cmd_run_jobs(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from bayestune import files, jobs
+
+    listed = jobs.read_job_list(args.jobs)
+    state = args.state or Path(jobs.STATE_FOLDER) / args.jobs.stem
+    started = time.monotonic()
+    outcomes = jobs.run_jobs(listed, args.slots, state)
+    rows = pd.DataFrame(jobs.summary_rows(outcomes))
+    summary = args.summary or state / "jobs.csv"
+    with files.atomic_output(summary) as tmp:
+        rows.to_csv(tmp, index=False)
+    ran = rows[rows.status == "done"]
+    print(f"run-jobs: {len(ran)} ran, {int((rows.status == 'skipped').sum())} done before, "
+          f"{len(rows) - len(ran) - int((rows.status == 'skipped').sum())} failed or blocked, "
+          f"{time.monotonic() - started:.0f} s wall, at most "
+          f"{int(ran.running_at_start.max()) if len(ran) else 0} at once ({args.slots} slots)")
+    for rule, group in ran[ran.steps > 0].groupby("rule"):
+        print(f"  {rule}: {len(group)} jobs, median {group.seconds.median():.1f} s, "
+              f"{group.seconds.sum() / group.steps.sum():.4f} s per step (wall, start-up "
+              "included, jobs sharing the device)")
+    print(f"  per-job times: {summary}")
+    jobs.check_outcomes(outcomes)
+
+
 # --- parser ---------------------------------------------------------------------------------
 def _task_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True,
@@ -590,6 +630,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remaining", action="store_true",
                    help="only the jobs still to run (default: the whole run)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("render-jobs", help="a workflow config's jobs as a JSON job list (from "
+                                           "a Snakemake dry run), for run-jobs")
+    p.add_argument("--configfile", required=True, help="workflow config, e.g. config/gpu.yaml")
+    p.add_argument("--directory", type=Path, default=Path("."),
+                   help="repository root holding the Snakefile (default: here)")
+    p.add_argument("--out", type=Path, required=True, help="job list to write (.json)")
+    p.set_defaults(func=cmd_render_jobs)
+
+    p = sub.add_parser("carry-model", help="a text model in fp16 with its tokenizer, as a "
+                                           "folder to carry to an offline machine")
+    p.add_argument("--model", default="minilm", help="model name, alias or folder")
+    p.add_argument("--out", type=Path, required=True, help="folder to write, e.g. .carry/minilm")
+    p.set_defaults(func=cmd_carry_model)
+
+    p = sub.add_parser("run-jobs", help="run a job list without Snakemake: dependency order, "
+                                        "N at once, resumable, a log per job")
+    p.add_argument("--jobs", type=Path, required=True, help="job list (bayestune render-jobs)")
+    p.add_argument("--slots", type=int, default=1, help="jobs run at once (they share the "
+                   "device: several small jobs fill one GPU)")
+    p.add_argument("--state", type=Path, default=None,
+                   help="folder of the run's success markers (default: .run_jobs/<list name>)")
+    p.add_argument("--summary", type=Path, default=None,
+                   help="CSV of every job's wall time and seconds per step (default: in --state)")
+    p.set_defaults(func=cmd_run_jobs)
 
     p = sub.add_parser("sweep", help="validation scores of a grid of stage-1 settings (and of "
                                      "the other methods) through mask and stage 2")

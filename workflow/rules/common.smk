@@ -257,9 +257,11 @@ def preset_of(wildcards):
 
 def sampler_flags(wildcards):
     """The sampler section under the preset's name, with the preset's own overrides
-    (sampler_by_preset, e.g. a scaled-down reference chain)."""
+    (sampler_by_preset, e.g. a scaled-down reference chain), then those of the seed
+    (sampler_by_seed, e.g. the paper's full-length chain for seed 0 only)."""
     overrides = config["sampler_by_preset"].get(wildcards.preset, {})
-    return cli_flags({**config["sampler"], **overrides, "preset": wildcards.preset})
+    by_seed = config["sampler_by_seed"].get(str(wildcards.seed), {}).get(wildcards.preset, {})
+    return cli_flags({**config["sampler"], **overrides, **by_seed, "preset": wildcards.preset})
 
 
 def start_file(method, task, seed):
