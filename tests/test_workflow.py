@@ -189,7 +189,8 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
 
 
 @pytest.mark.parametrize("config", ["config/config.yaml", "config/vtab.yaml",
-                                    "config/demo.yaml", "config/cpu.yaml"])
+                                    "config/demo.yaml", "config/cpu.yaml", "config/gpu.yaml",
+                                    "config/gpu_smoke.yaml"])
 def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
     commands = bayestune_commands(dry_run(config))
     assert set(commands) == {"prepare", "sample", "mask", "finetune", "report", "figures"}
@@ -203,6 +204,17 @@ def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
     for key, value in ours.items():
         assert getattr(sample, key) == value, key
     assert str(sample.checkpoint).endswith(".ckpt")
+
+
+def test_committed_gpu_job_list_is_the_workflows(workdir):
+    """config/gpu_jobs.json runs on a machine without Snakemake: it must be what the workflow
+    renders from config/gpu.yaml now (else: make gpu-jobs)."""
+    from bayestune.jobs import read_job_list, render_jobs
+
+    committed = read_job_list(REPO / "config/gpu_jobs.json")
+    assert render_jobs("config/gpu.yaml", workdir) == committed, "run make gpu-jobs"
+    bayestune_runs = [j for j in committed if j.rule == "sample" and "reference" in j.id]
+    assert {j.argv[j.argv.index("--steps") + 1] for j in bayestune_runs} == {"20000", "2000"}
 
 
 def test_dry_run_passes_method_settings_and_the_magnitude_start(workdir, dry_run):

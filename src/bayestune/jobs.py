@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,10 +47,12 @@ def render_jobs(configfile: str, root: Path = Path(".")) -> list[Job]:
 
     _, dry = dry_run(configfile, root)
     jobs = []
-    for number, job in enumerate(dry):
+    for job in dry:
         if job.command is None:
             continue  # rule all: no command
-        jobs.append(Job(id=f"{job.rule}-{number}", rule=job.rule, argv=job.command,
+        # named by what it writes, so that a job keeps its name (and its success marker)
+        # when the list is rendered again
+        jobs.append(Job(id=f"{job.rule}:{job.outputs[0]}", rule=job.rule, argv=job.command,
                         inputs=job.inputs, outputs=job.outputs, log=job.log,
                         threads=job.threads))
     return order(jobs)
@@ -118,6 +120,27 @@ def carry_model(model_name: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def priorities(jobs: Sequence[Job]) -> dict[str, tuple[int, int]]:
+    """Job id -> (longest chain of jobs that wait on it, its optimiser steps): the scheduler
+    starts the job with the largest first, so the long stage-1 chains start before the short
+    jobs that could fill the slots."""
+    from bayestune.cli import build_parser
+    from bayestune.plan import job_steps
+
+    deps, parser = needs(jobs), build_parser()
+    height: dict[str, int] = {}
+    for job in reversed(order(jobs)):  # every job after those it needs: dependents first
+        users = [j.id for j in jobs if job.id in deps[j.id]]
+        height[job.id] = 1 + max((height[u] for u in users), default=0)
+    steps = {}
+    for job in jobs:
+        try:
+            steps[job.id] = sum(n for _, n in job_steps(parser.parse_args(job.argv)))
+        except SystemExit:  # not a bayestune command (toy lists in tests)
+            steps[job.id] = 0
+    return {job.id: (height[job.id], steps[job.id]) for job in jobs}
+
+
 # --- the scheduler ----------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -129,14 +152,21 @@ class Outcome:
 
 
 def _marker(state: Path, job: Job) -> Path:
-    return state / f"{job.id}.done"
+    return state / (job.id.replace(os.sep, "__").replace(":", "_") + ".done")
 
 
 def _finished_before(state: Path, job: Job) -> bool:
     return _marker(state, job).exists() and all(Path(p).exists() for p in job.outputs)
 
 
-def _start(job: Job, env: Mapping[str, str]) -> subprocess.Popen:
+def bayestune_command(job: Job) -> list[str]:
+    """This interpreter running the job's subcommand: the job list names no interpreter, so it
+    runs wherever the package imports."""
+    return [sys.executable, "-m", "bayestune", *job.argv]
+
+
+def _start(job: Job, env: Mapping[str, str], command: Callable[[Job], list[str]]
+           ) -> subprocess.Popen:
     log = Path(job.log) if job.log else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +174,7 @@ def _start(job: Job, env: Mapping[str, str]) -> subprocess.Popen:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     sink = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     try:
-        return subprocess.Popen([sys.executable, "-m", "bayestune", *job.argv], stdout=sink,
+        return subprocess.Popen(command(job), stdout=sink,
                                 stderr=subprocess.STDOUT,
                                 env={**env, "OMP_NUM_THREADS": str(job.threads)})
     finally:
@@ -153,7 +183,8 @@ def _start(job: Job, env: Mapping[str, str]) -> subprocess.Popen:
 
 
 def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, str] | None = None,
-             echo=print) -> list[Outcome]:
+             command: Callable[[Job], list[str]] = bayestune_command,
+             echo: Callable[[str], None] = print) -> list[Outcome]:
     """Run ``jobs`` (dependency order), at most ``slots`` at once; returns every outcome."""
     if slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {slots})")
@@ -166,7 +197,9 @@ def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, 
         if _finished_before(state, job):
             outcomes[job.id] = Outcome(job, "skipped")
     running: dict[str, tuple[subprocess.Popen, Outcome]] = {}
-    waiting = [j for j in jobs if j.id not in outcomes]
+    rank = priorities(jobs)
+    waiting = sorted((j for j in jobs if j.id not in outcomes), key=lambda j: rank[j.id],
+                     reverse=True)
     while waiting or running:
         for job_id, (process, outcome) in list(running.items()):
             if process.poll() is None:
@@ -189,7 +222,7 @@ def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, 
             elif states <= {"done", "skipped"} and len(running) < slots:
                 outcome = Outcome(job, "running", started=time.monotonic(),
                                   running_at_start=len(running) + 1)
-                running[job.id] = (_start(job, env), outcome)
+                running[job.id] = (_start(job, env, command), outcome)
                 outcomes[job.id] = outcome
                 waiting.remove(job)
         if running:
