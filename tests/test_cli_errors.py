@@ -152,7 +152,7 @@ def test_config_validation_errors_are_project_errors(tmp_path, capsys):
             make()
     assert main(["finetune", "--task", "rte", "--model", "minilm", "--out-dir", str(tmp_path),
                  "--max-steps", "0"]) == 2
-    assert "max_steps, eval_every and patience must be at least 1" in error_line(capsys)
+    assert "max_steps (>= 1), eval_every and patience must be at least 1" in error_line(capsys)
 
 
 @pytest.mark.parametrize("unexpected", [IndexError("index 7 is out of bounds for dimension 0"),
