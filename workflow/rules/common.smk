@@ -343,7 +343,7 @@ def finetune_flags(wildcards):
     """The finetune section with the method's own overrides (full fine-tuning wants a far
     smaller learning rate than a 0.5% mask)."""
     overrides = config["finetune_by_method"].get(wildcards.method, {})
-    return cli_flags({**config["finetune"], **overrides}) + candidates_flag(wildcards)
+    return f"{cli_flags({**config['finetune'], **overrides})}{candidates_flag(wildcards)}"
 
 
 def candidates_flag(wildcards):
@@ -357,7 +357,7 @@ def candidates_flag(wildcards):
             candidate = {**candidate, PRESET_KEY: preset, MASK_KEY: mask_file(
                 "bayestune", wildcards.task, wildcards.seed, wildcards.label, preset)}
         candidates.append(candidate)
-    return " --candidates " + shlex.quote(json.dumps(candidates, separators=(",", ":")))
+    return f" --candidates {shlex.quote(json.dumps(candidates, separators=(',', ':')))}"
 
 
 def all_metrics():
