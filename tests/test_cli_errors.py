@@ -201,9 +201,9 @@ def test_readme_recipe_after_a_killed_snakemake_run(tmp_path, tiny_model_dir, gl
     config = write_config(run / "killed.yaml", run / "tests/config/tiny.yaml", tasks=["cb"],
                           model=tiny_model_dir, max_length=32,
                           sampler={**tiny["sampler"], "steps": 100, "checkpoint_every": 5})
-    target = "results/tiny/scales/cb/seed0.safetensors"
+    target = "results/tiny/scales/exact/cb/seed0.safetensors"
     args = [target, "--cores", "1", "--configfile", str(config)]
-    checkpoint = run / "results/tiny/scales/cb/seed0.ckpt"
+    checkpoint = run / "results/tiny/scales/exact/cb/seed0.ckpt"
     env = run_env(glue_dir)
     proc = subprocess.Popen([str(BIN / "snakemake"), *args], cwd=run, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

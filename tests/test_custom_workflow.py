@@ -76,7 +76,8 @@ def test_example_dry_run_passes_the_task_file_to_every_job(workdir):
     result = snakemake(workdir, "-n", "-p", "--cores", "1", "--configfile", EXAMPLE)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = planned_jobs(result.stdout)
-    assert (counts["prepare"], counts["sample"], counts["mask"], counts["finetune"]) == (1, 1, 2, 3)
+    assert (counts["prepare"], counts["sample"], counts["mask"], counts["mask_bayestune"],
+            counts["finetune"]) == (1, 1, 1, 1, 3)
     parser = build_parser()
     task_file = str(workdir / EXAMPLE)
     commands = [line.removeprefix("Shell command: ").split(" > ", 1)[0]

@@ -44,7 +44,8 @@ def test_jobs_are_snakemakes(tiny_plan) -> None:
         if rule != "total":
             assert len(planned(tiny_plan, rule)) == n, rule
     # tiny.yaml: 2 tasks x 1 seed; bayestune and random at 2 budgets, plus full
-    assert (counts["sample"], counts["mask"], counts["finetune"]) == (2, 4, 10)
+    assert (counts["sample"], counts["mask"], counts["mask_bayestune"], counts["finetune"]) == (
+        2, 2, 2, 10)
 
 
 def test_hours_are_steps_times_measured_cost(tiny_plan) -> None:
@@ -80,7 +81,8 @@ def test_paper_plan(paper_plan) -> None:
     kinds = paper_plan.by_kind().set_index("kind")
     assert kinds.loc["scale files", "results"] == pytest.approx(runs * 4 * paper_plan.n_scalars,
                                                                 rel=1e-3)
-    ranked = paper_plan.job_counts["mask"] + paper_plan.job_counts["mask_started"]
+    ranked = sum(paper_plan.job_counts[rule] for rule in ("mask", "mask_bayestune",
+                                                          "mask_started"))
     assert kinds.loc["masks", "files"] == ranked * len(config["budgets"]) + paper_plan.job_counts[
         "mask_fixed"]
     # magnitude's start weights: a whole model per (task, seed), tracked but not cached

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 REPORTING = {"report": 1, "task_figures": 1, "score_figure": 1, "val_curves": 1,
              "paired_figure": 1, "all": 1}
 # Everything built from the task's data: the random mask reads no data, so it stays.
-FROM_DATA = {"prepare": 1, "sample": 1, "mask": 1, "finetune": 3, **REPORTING}
+FROM_DATA = {"prepare": 1, "sample": 1, "mask_bayestune": 1, "finetune": 3, **REPORTING}
 
 
 def tiny_config(run: Path, glue_dir: str, **changes) -> Path:
@@ -96,7 +96,7 @@ def test_editing_the_sampler_reruns_stage_one_and_what_follows_only(finished):
     with edited(run / "src/bayestune/sampler.py"):
         counts = planned(run, config)
     # bayestune's mask and run; the random mask, the random and full runs and prepare stay.
-    assert counts == {"sample": 1, "mask": 1, "finetune": 1, **REPORTING}
+    assert counts == {"sample": 1, "mask_bayestune": 1, "finetune": 1, **REPORTING}
 
 
 def test_editing_the_reports_reruns_only_the_report_rules(finished):

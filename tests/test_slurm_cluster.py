@@ -119,7 +119,7 @@ def test_a_request_larger_than_the_node_is_refused(cluster, tmp_path, glue_dir):
                           tasks=["cb"], resources={"sample": {"threads": 1}})
     (run / "data/tiny/cb").mkdir(parents=True)  # so that the sample job is submitted at once
     rc, output, _ = run_profile(run, cluster_env(cluster, glue_dir),
-                                "results/tiny/scales/cb/seed0.safetensors", "--configfile",
+                                "results/tiny/scales/exact/cb/seed0.safetensors", "--configfile",
                                 str(config), "--retries", "0", limit=120)
     assert rc not in (0, None), output[-3000:]
     assert "--mem 32000" in output and "Memory specification can not be satisfied" in output, \
@@ -138,7 +138,7 @@ def test_tiny_run_with_a_cancelled_sampler(cluster, packages_installed_in, tmp_p
         # sized for the node: 2 jobs of 2000 MB at a time, one CPU each
         resources={rule: {"threads": 1, "mem_mb": 2000, "runtime": 10}
                    for rule in ("prepare", "sample", "mask", "finetune", "report")})
-    checkpoint = run / "results/tiny/scales/cb/seed0.ckpt"
+    checkpoint = run / "results/tiny/scales/exact/cb/seed0.ckpt"
     cancelled: dict[str, str | None] = {"job": None, "state": None}
 
     def cancel_the_first_sampler_job(output: str) -> None:
@@ -198,11 +198,12 @@ def test_tiny_run_with_a_cancelled_sampler(cluster, packages_installed_in, tmp_p
     assert f"JOB {job} ON {cluster.node} CANCELLED" in slurm_log.read_text(), context
     assert resumed and 0 < int(resumed.group(1)) < SAMPLER_STEPS, context
     assert int(resumed.group(1)) % CHECKPOINT_EVERY == 0, context
-    assert (run / "results/tiny/scales/cb/seed0.safetensors").exists()
+    assert (run / "results/tiny/scales/exact/cb/seed0.safetensors").exists()
     assert not checkpoint.exists()  # the finished run dropped it
 
     # The table is a local rule: it runs beside Snakemake, not through sbatch.
-    assert {rule for _, rule, _ in jobs} == {"prepare", "sample", "mask", "finetune"}, context
+    assert {rule for _, rule, _ in jobs} == {"prepare", "sample", "mask_bayestune", "finetune"}, \
+        context
     table = pd.read_csv(run / "results/tiny/glue_table.csv", dtype={"budget": str})
     assert set(zip(table.method, table.budget, strict=True)) == {("full", "-"),
                                                                  ("bayestune", "0.005")}

@@ -33,6 +33,10 @@ WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".d
 GLUE_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
 ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "lt-sft", "fisher", "sam",
                "lora"}
+# The fair protocol at its smallest: two candidates per method, bayestune's two presets.
+TINY_TUNING = {"candidates": 2, "grid": {
+    "default": [{"lr": 1e-3}, {"lr": 3e-3}], "full": [{"lr": 5e-5}, {"lr": 2e-4}],
+    "bayestune": [{"preset": "exact", "lr": 1e-3}, {"preset": "cold", "lr": 1e-3}]}}
 
 
 def copy_workflow(dst: Path) -> Path:
@@ -168,7 +172,8 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
     assert counts == {
         "prepare": tasks,
         "sample": tasks * seeds,
-        "mask": (budgeted - 1) * tasks * seeds,    # one job writes every budget's mask
+        "mask": (budgeted - 2) * tasks * seeds,    # one job writes every budget's mask
+        "mask_bayestune": tasks * seeds,           # one per stage-1 preset the grid names
         "mask_started": tasks * seeds,             # magnitude: its masks and stage 2's start
         "mask_fixed": tasks * seeds,               # bitfit
         "finetune": runs_per_task_seed * tasks * seeds,
@@ -184,7 +189,8 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
 
 
 @pytest.mark.parametrize("config", ["config/config.yaml", "config/vtab.yaml",
-                                    "config/demo.yaml", "config/cpu.yaml"])
+                                    "config/demo.yaml", "config/cpu.yaml", "config/gpu.yaml",
+                                    "config/gpu_smoke.yaml"])
 def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
     commands = bayestune_commands(dry_run(config))
     assert set(commands) == {"prepare", "sample", "mask", "finetune", "report", "figures"}
@@ -193,11 +199,26 @@ def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
         variants = {tuple(a for a in argv if a.startswith("-")): argv for argv in argvs}
         for argv in variants.values():  # one command of each flag set: every method, etc.
             parser.parse_args(argv)  # exits (fails the test) on an unknown or malformed flag
-    sample = parser.parse_args(commands["sample"][0])
     ours = yaml.safe_load((workdir / config).read_text())["sampler"]
+    # the chain of the sampler's own preset (a tuning grid may add chains of other presets)
+    sample = next(args for args in map(parser.parse_args, commands["sample"])
+                  if args.preset == ours.get("preset", "exact"))
     for key, value in ours.items():
         assert getattr(sample, key) == value, key
     assert str(sample.checkpoint).endswith(".ckpt")
+
+
+def test_committed_gpu_job_list_is_the_workflows(workdir):
+    """config/gpu_jobs.json runs on a machine without Snakemake: it must be what the workflow
+    renders from config/gpu.yaml now (else: make gpu-jobs)."""
+    from bayestune.jobs import read_job_list, render_jobs
+
+    committed = read_job_list(REPO / "config/gpu_jobs.json")
+    # Snakemake lists jobs in no fixed order: compare them by name
+    rendered = {job.id: job for job in render_jobs("config/gpu.yaml", workdir)}
+    assert rendered == {job.id: job for job in committed}, "run make gpu-jobs"
+    bayestune_runs = [j for j in committed if j.rule == "sample" and "reference" in j.id]
+    assert {j.argv[j.argv.index("--steps") + 1] for j in bayestune_runs} == {"20000", "2000"}
 
 
 def test_dry_run_passes_method_settings_and_the_magnitude_start(workdir, dry_run):
@@ -223,6 +244,19 @@ def test_dry_run_names_an_unknown_method_and_the_known_ones(tmp_path, workdir):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "unknown method(s) magprune; known methods: full, lora, bitfit" in output
+
+
+def test_dry_run_refuses_unequal_candidate_counts(tmp_path, workdir):
+    # bayestune's second preset is a third candidate: more selection than the other methods get
+    unfair = {"grid": {**TINY_TUNING["grid"], "bayestune": [
+        *TINY_TUNING["grid"]["bayestune"], {"preset": "cold", "lr": 3e-3}]}}
+    config = write_config(tmp_path / "unfair.yaml", workdir / "tests/config/tiny.yaml",
+                          tuning=unfair)
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "unfair tuning: every method must choose among 3 candidates on validation" in (
+        result.stdout + result.stderr)
+    assert "bayestune: 3, random: 2, full: 2" in result.stdout + result.stderr
 
 
 # --- SLURM profile, stub cluster ---------------------------------------------------------------
@@ -255,7 +289,7 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
     metrics.mkdir(parents=True)
     (metrics / "metrics.json").write_text("{}")
     (metrics / "delta.safetensors").write_text("")
-    targets = ["results/tiny/scales/cb/seed0.safetensors",          # sample: GPU
+    targets = ["results/tiny/scales/exact/cb/seed0.safetensors",          # sample: GPU
                "results/tiny/finetune/full/cb/all/seed1/metrics.json",  # finetune: GPU
                "results/tiny/masks/fisher/cb/seed0/p0.005.safetensors",  # gradient mask: GPU
                "results/tiny/masks/random/cb/seed0/p0.005.safetensors"]  # random mask: no GPU
@@ -303,10 +337,14 @@ def dvc(cwd: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, glue_dir):
-    """The tiny config through `dvc repro` once: a copy of dvc.yaml's glue stage, tiny entry."""
+    """The tiny config with a tuning grid through `dvc repro` once: a copy of dvc.yaml's glue
+    stage, tiny entry."""
     run = copy_workflow(tmp_path_factory.mktemp("dvc"))
+    write_config(run / "tests/config/tiny_fair.yaml", run / "tests/config/tiny.yaml",
+                 tuning=TINY_TUNING)
     stages = yaml.safe_load((run / "dvc.yaml").read_text())
-    tiny = {"config": "tests/config/tiny.yaml", "results": "results/tiny", "data": "data/tiny"}
+    tiny = {"config": "tests/config/tiny_fair.yaml", "results": "results/tiny",
+            "data": "data/tiny"}
     stages["stages"]["glue"]["foreach"] = {"tiny": tiny}
     del stages["stages"]["vtab"]
     (run / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
@@ -346,6 +384,15 @@ def test_tiny_run_writes_tables_and_figures(tiny_run):
     # six steps, an evaluation every three: every run ends at max_steps with its best among
     # its last two evaluations, so each is flagged as still improving
     assert set(scores.stop_reason) == {"max_steps"} and scores.still_improving.all()
+    # the fair protocol: two candidates each, chosen on validation, every candidate listed
+    assert (scores.candidates == 2).all()
+    assert set(scores[scores.method == "bayestune"].chosen_preset) <= {"exact", "cold"}
+    selection = pd.read_csv(results / "glue_selection.csv", dtype={"budget": str})
+    keys = ["method", "task", "seed", "budget"]
+    assert len(selection) == 20 and selection.groupby(keys).chosen.sum().eq(1).all()
+    chosen = selection[selection.chosen].set_index(keys).val_score.sort_index()
+    assert chosen.equals(selection.groupby(keys).val_score.max().sort_index())
+    assert set(selection[selection.method == "full"].lr) == {5e-5, 2e-4}
     assert "†" in (results / "glue_table.md").read_text()
     paired = pd.read_csv(results / "glue_paired.csv", dtype={"budget": str})
     assert set(zip(paired.method, paired.budget, paired.pairs, strict=True)) == {
@@ -370,7 +417,7 @@ def test_dvc_repro_again_does_nothing(tiny_run):
     tracked = {out["path"] for out in lock["outs"]}
     assert {"data/tiny", "results/tiny/scales", "results/tiny/masks",
             "results/tiny/finetune"} <= tracked
-    assert "tests/config/tiny.yaml" in lock["params"]
+    assert "tests/config/tiny_fair.yaml" in lock["params"]
 
 
 # --- resume after a kill ------------------------------------------------------------------------
@@ -380,10 +427,10 @@ def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, glue_dir):
     tiny = yaml.safe_load((run / "tests/config/tiny.yaml").read_text())
     config = write_config(run / "resume.yaml", run / "tests/config/tiny.yaml", tasks=["cb"],
                           sampler={**tiny["sampler"], "steps": 24, "checkpoint_every": 8})
-    target = "results/tiny/scales/cb/seed0.safetensors"
+    target = "results/tiny/scales/exact/cb/seed0.safetensors"
     command = [str(BIN / "snakemake"), target, "--cores", "1", "--rerun-incomplete",
                "--configfile", str(config)]
-    checkpoint = run / "results/tiny/scales/cb/seed0.ckpt"
+    checkpoint = run / "results/tiny/scales/exact/cb/seed0.ckpt"
     proc = subprocess.Popen(command, cwd=run, env=run_env(glue_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 240

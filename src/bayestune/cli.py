@@ -247,45 +247,94 @@ def _published_as(method: str, mask_meta: dict | None, lora_preset: str | None) 
     return published_label(method, {"lora_preset": lora_preset})
 
 
+def _candidate_mask(path: Path, cache: dict, theta0: Mapping, args: argparse.Namespace,
+                    model_id: str) -> tuple:
+    """A mask file's mask and metadata, checked against the run and read once per job."""
+    from bayestune import files
+    from bayestune.file_origin import check_made_for
+
+    if path not in cache:
+        mask, meta = files.load_mask(path)
+        files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, path, "mask")
+        check_made_for(meta, path, "mask", task=args.task, model=model_id)
+        if meta.get("start") and args.start is None:
+            raise ConfigError(f"{path}: method {meta.get('method')} trains before it ranks and "
+                              "stage 2 goes on from those weights; pass --start with the start "
+                              "file its mask job wrote (mask --start-out)")
+        cache[path] = (mask, meta)
+    return cache[path]
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
+    import copy
+
     from bayestune import convergence, files
     from bayestune.delta import make_delta
-    from bayestune.file_origin import check_made_for
     from bayestune.finetune import FinetuneConfig, finetune
     from bayestune.masks import mask_fraction
+    from bayestune.models.base import resolve_device
     from bayestune.provenance import upstream
+    from bayestune.selection import MASK_KEY, PRESET_KEY, choose, describe, parse_candidates
+    from bayestune.tasks.base import evaluate
 
     if args.mask is not None and args.method is not None:
         raise ConfigError(f"--mask and --method {args.method} both given: a mask run trains the "
                           f"mask's scalars, {args.method} is another method; drop one of them")
-    config = config_from_args(args, FinetuneConfig)
+    base = config_from_args(args, FinetuneConfig)
+    candidates = parse_candidates(args.candidates) if args.candidates else [{}]
+    if args.mask is None and any(MASK_KEY in c for c in candidates):
+        raise ConfigError("a candidate names a mask but the run has no --mask: give the mask "
+                          "method's --mask (candidates then replace it)")
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask, mask_meta, method, chain = None, None, args.method or "full", {}
-    budget = method
-    if args.mask is not None:
-        mask, mask_meta = files.load_mask(args.mask)
-        files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, args.mask, "mask")
-        check_made_for(mask_meta, args.mask, "mask", task=args.task, model=model.model_id)
-        method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
-        chain = upstream(mask_meta, "mask")
-        if mask_meta.get("start") and args.start is None:
-            raise ConfigError(f"{args.mask}: method {method} trains before it ranks and stage 2 "
-                              "goes on from those weights; pass --start with the start file its "
-                              "mask job wrote (mask --start-out)")
+    masks: dict = {}
     moved = _load_start(args.start, model, args) if args.start is not None else None
-    settings = {**dataclasses.asdict(config), "batch_size": args.batch_size,
-                "eval_batch_size": args.eval_batch_size}
-    trained, lora, lora_preset = model, None, None
-    if method == "lora":
-        from bayestune.methods import LoraSettings, merge_lora, wrap_lora
+    lora = None
+    if (args.method or "full") == "lora" and args.mask is None:
+        from bayestune.methods import LoraSettings
 
         lora = config_from_args(args, LoraSettings, prefix="lora_")
-        trained, lora_preset = wrap_lora(model, lora), lora.effective_preset()
-    result = finetune(trained, data, spec, config, mask=mask, seed=args.seed, device=args.device,
-                      progress=not args.quiet)
-    if trained is not model:
-        model = merge_lora(trained)
+    # Each candidate starts from the same weights (theta0, or the start file's) with the same
+    # seed and data order, so that only its settings differ; the best on validation is kept.
+    tried, best, best_model = [], None, None
+    for number, candidate in enumerate(candidates):
+        stage2 = {k: v for k, v in candidate.items() if k not in (MASK_KEY, PRESET_KEY)}
+        config = dataclasses.replace(base, **stage2)
+        mask = mask_meta = None
+        if args.mask is not None:
+            mask, mask_meta = _candidate_mask(Path(candidate.get(MASK_KEY, args.mask)), masks,
+                                              theta0, args, model.model_id)
+        trained = copy.deepcopy(model)
+        if lora is not None:
+            from bayestune.methods import wrap_lora
+
+            trained = wrap_lora(trained, lora)
+        if len(candidates) > 1:
+            log.info("%s candidate %d/%d: %s", args.task, number + 1, len(candidates),
+                     describe(candidate))
+        result = finetune(trained, data, spec, config, mask=mask, seed=args.seed,
+                          device=args.device, progress=not args.quiet, score_test=False)
+        tried.append({"candidate": candidate, "config": config, "result": result,
+                      "mask": mask, "mask_meta": mask_meta})
+        if choose([t["result"].val_score for t in tried]) == number:
+            best, best_model = tried[-1], trained
+        del trained
+    chosen = choose([t["result"].val_score for t in tried])
+    config, result, mask, mask_meta = (best[k] for k in ("config", "result", "mask", "mask_meta"))
+    # Test is scored once, for the candidate validation chose.
+    result.test_score = evaluate(best_model, data.test, spec, resolve_device(args.device))
+    method, budget, chain, lora_preset = args.method or "full", args.method or "full", {}, None
+    if mask_meta is not None:
+        method, budget = mask_meta.get("method", "mask"), mask_meta.get("budget")
+        chain = upstream(mask_meta, "mask")
+    settings = {**dataclasses.asdict(config), "batch_size": args.batch_size,
+                "eval_batch_size": args.eval_batch_size}
+    model = best_model
+    if lora is not None:
+        from bayestune.methods import merge_lora
+
+        lora_preset = lora.effective_preset()
+        model = merge_lora(best_model)
     out_dir = Path(args.out_dir)
     delta = make_delta(model.cpu(), theta0)
     made_by = _provenance(args, {"method": method, "finetune": settings,
@@ -300,6 +349,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     trainable = result.trainable_fraction
     if moved is not None and mask is not None:
         trainable = mask_fraction({n: moved[n] | mask[n] for n in moved})
+    selection = {"chosen": chosen, "candidates": [{
+        "settings": {k: v for k, v in t["candidate"].items() if k != MASK_KEY},
+        "mask": t["candidate"].get(MASK_KEY),
+        "val_score": t["result"].val_score, "best_step": t["result"].best_step,
+        "steps": t["result"].steps, "wall_seconds": t["result"].wall_seconds,
+        "history": convergence.history_records(t["result"].history),
+        "stop_reason": convergence.stop_reason(t["result"].history, t["result"].best_step,
+                                               t["config"].patience),
+    } for t in tried]}
     files.write_json(out_dir / "metrics.json", {
         "method": method, "budget": budget, "task": args.task, "seed": args.seed,
         "model": model.model_id, "metric": spec.metric_name,
@@ -310,13 +368,16 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "published_as": _published_as(method, mask_meta, lora_preset),
         "lora_preset": lora_preset, "start": None if args.start is None else str(args.start),
         "best_step": result.best_step, "steps": result.steps,
-        "wall_seconds": result.wall_seconds, "bayestune_version": __version__,
+        "wall_seconds": sum(t["result"].wall_seconds for t in tried),
+        "bayestune_version": __version__,
         "history": convergence.history_records(result.history),
         "stop_reason": convergence.stop_reason(result.history, result.best_step, config.patience),
+        "chosen": selection["candidates"][chosen]["settings"], "selection": selection,
         "finetune": settings, **({"lora": dataclasses.asdict(lora)} if lora else {}),
         "upstream": chain,
     }, provenance=made_by)
-    log.info("%s %s: test %s = %.4f", args.task, method, spec.metric_name, result.test_score)
+    log.info("%s %s: chose %s on validation; test %s = %.4f", args.task, method,
+             describe(candidates[chosen]), spec.metric_name, result.test_score)
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> None:
@@ -342,6 +403,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     reports.write_tables(scores, args.out_dir, args.benchmark, args.model,
                          reference=args.reference, main_budget=format(args.main_budget, "g"))
     reports.write_provenance(args.metrics, args.out_dir, args.benchmark)
+    reports.write_selection(args.metrics, args.out_dir, args.benchmark)
     reports.write_table_html(args.out_dir, args.benchmark)
 
 
@@ -381,6 +443,46 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         from bayestune.reports import plot_sweep
 
         log.info("wrote %s", plot_sweep(table, Path(args.out).with_suffix(".png")))
+
+
+def cmd_render_jobs(args: argparse.Namespace) -> None:
+    from bayestune import jobs
+
+    listed = jobs.render_jobs(args.configfile, args.directory)
+    jobs.write_job_list(args.out, listed, args.configfile)
+    log.info("wrote %d jobs of %s to %s", len(listed), args.configfile, args.out)
+
+
+def cmd_carry_model(args: argparse.Namespace) -> None:
+    from bayestune import jobs
+
+    log.info("wrote %s", jobs.carry_model(args.model, args.out))
+
+
+def cmd_run_jobs(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from bayestune import files, jobs
+
+    listed = jobs.read_job_list(args.jobs)
+    state = args.state or Path(jobs.STATE_FOLDER) / args.jobs.stem
+    started = time.monotonic()
+    outcomes = jobs.run_jobs(listed, args.slots, state)
+    rows = pd.DataFrame(jobs.summary_rows(outcomes))
+    summary = args.summary or state / "jobs.csv"
+    with files.atomic_output(summary) as tmp:
+        rows.to_csv(tmp, index=False)
+    ran = rows[rows.status == "done"]
+    print(f"run-jobs: {len(ran)} ran, {int((rows.status == 'skipped').sum())} done before, "
+          f"{len(rows) - len(ran) - int((rows.status == 'skipped').sum())} failed or blocked, "
+          f"{time.monotonic() - started:.0f} s wall, at most "
+          f"{int(ran.running_at_start.max()) if len(ran) else 0} at once ({args.slots} slots)")
+    for rule, group in ran[ran.steps > 0].groupby("rule"):
+        print(f"  {rule}: {len(group)} jobs, median {group.seconds.median():.1f} s, "
+              f"{group.seconds.sum() / group.steps.sum():.4f} s per step (wall, start-up "
+              "included, jobs sharing the device)")
+    print(f"  per-job times: {summary}")
+    jobs.check_outcomes(outcomes)
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -472,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights to start from instead of theta0 (the start file `mask` writes for "
                         "magnitude); the delta stays against theta0")
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--candidates", default=None,
+                   help="JSON list of candidate settings trained in turn, e.g. '[{\"lr\": 1e-3}, "
+                        "{\"lr\": 3e-3}]' (each may also name a \"mask\" file and its stage-1 "
+                        "\"preset\"); the best on validation is kept and only it is scored on "
+                        "test (default: one candidate, the flags as given)")
     add_config_flags(p, FinetuneConfig)
     add_config_flags(p, LoraSettings, prefix="lora_")
     p.set_defaults(func=cmd_finetune)
@@ -523,6 +630,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remaining", action="store_true",
                    help="only the jobs still to run (default: the whole run)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("render-jobs", help="a workflow config's jobs as a JSON job list (from "
+                                           "a Snakemake dry run), for run-jobs")
+    p.add_argument("--configfile", required=True, help="workflow config, e.g. config/gpu.yaml")
+    p.add_argument("--directory", type=Path, default=Path("."),
+                   help="repository root holding the Snakefile (default: here)")
+    p.add_argument("--out", type=Path, required=True, help="job list to write (.json)")
+    p.set_defaults(func=cmd_render_jobs)
+
+    p = sub.add_parser("carry-model", help="a text model in fp16 with its tokenizer, as a "
+                                           "folder to carry to an offline machine")
+    p.add_argument("--model", default="minilm", help="model name, alias or folder")
+    p.add_argument("--out", type=Path, required=True, help="folder to write, e.g. .carry/minilm")
+    p.set_defaults(func=cmd_carry_model)
+
+    p = sub.add_parser("run-jobs", help="run a job list without Snakemake: dependency order, "
+                                        "N at once, resumable, a log per job")
+    p.add_argument("--jobs", type=Path, required=True, help="job list (bayestune render-jobs)")
+    p.add_argument("--slots", type=int, default=1, help="jobs run at once (they share the "
+                   "device: several small jobs fill one GPU)")
+    p.add_argument("--state", type=Path, default=None,
+                   help="folder of the run's success markers (default: .run_jobs/<list name>)")
+    p.add_argument("--summary", type=Path, default=None,
+                   help="CSV of every job's wall time and seconds per step (default: in --state)")
+    p.set_defaults(func=cmd_run_jobs)
 
     p = sub.add_parser("sweep", help="validation scores of a grid of stage-1 settings (and of "
                                      "the other methods) through mask and stage 2")

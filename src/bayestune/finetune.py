@@ -302,10 +302,13 @@ def finetune(
     seed: int,
     device: str = "auto",
     progress: bool = True,
+    score_test: bool = True,
 ) -> FinetuneResult:
     """Train, keep the best validation step, restore it and score it on test.
 
-    The model is left holding the best parameters; frozen scalars are never written.
+    The model is left holding the best parameters; frozen scalars are never written. Without
+    ``score_test`` the test split is not touched (``test_score`` is NaN): a candidate that
+    selection may not choose must not see it.
     """
     torch.manual_seed(seed)  # dropout masks
     start = time.perf_counter()
@@ -348,7 +351,7 @@ def finetune(
     val_score = float(rule.best)
     if config.val_subset:
         val_score = evaluate(model, data.val, spec, dev)  # the chosen step on the whole split
-    test = evaluate(model, data.test, spec, dev)
+    test = evaluate(model, data.test, spec, dev) if score_test else float("nan")
     n_total = sum(p.numel() for p in model.parameters())
     return FinetuneResult(
         val_score=val_score, test_score=test, best_step=rule.best_step, steps=step,

@@ -45,6 +45,9 @@ class DryRunJob:
     outputs: list[str] = field(default_factory=list)
     wildcards: dict[str, str] = field(default_factory=dict)
     command: list[str] | None = None  # argv after ``bayestune``
+    inputs: list[str] = field(default_factory=list)
+    log: str | None = None
+    threads: int = 1
 
 
 @dataclass
@@ -134,7 +137,8 @@ def parse_job_stats(output: str) -> dict[str, int]:
 
 
 _RULE = re.compile(r"^(?:local)?rule (\S+):$")
-_FIELD = re.compile(r"^\s+(output|wildcards): (.*)$")
+_FIELD = re.compile(r"^\s+(input|output|log|wildcards): (.*)$")
+_THREADS = re.compile(r"\bOMP_NUM_THREADS=(\d+)\b")
 
 
 def parse_jobs(output: str) -> list[DryRunJob]:
@@ -146,10 +150,16 @@ def parse_jobs(output: str) -> list[DryRunJob]:
             items = [item.strip() for item in match.group(2).split(", ")]
             if match.group(1) == "output":
                 jobs[-1].outputs = items
+            elif match.group(1) == "input":
+                jobs[-1].inputs = items
+            elif match.group(1) == "log":
+                jobs[-1].log = items[0]
             else:
                 jobs[-1].wildcards = dict(item.split("=", 1) for item in items if "=" in item)
         elif jobs and line.startswith("Shell command: "):
             jobs[-1].command = bayestune_argv(line.removeprefix("Shell command: "))
+            if threads := _THREADS.search(line):
+                jobs[-1].threads = int(threads.group(1))
     return jobs
 
 
@@ -203,7 +213,14 @@ def job_steps(args: Namespace) -> list[tuple[str, int]]:
         config = sampler_config_from_args(args)  # the preset with the flags on top
         return [("stage1", config.steps if config.patience == 0 else config.shortest_run)]
     if args.command == "finetune":
-        steps = args.max_steps or args.min_steps + 1  # no cap: the least the run can take
+        from bayestune.selection import parse_candidates
+
+        # every candidate of the fair protocol trains in turn in the one job
+        candidates = parse_candidates(args.candidates) if args.candidates else [{}]
+        steps = 0
+        for candidate in candidates:
+            most, least = (candidate.get(k, getattr(args, k)) for k in ("max_steps", "min_steps"))
+            steps += most or least + 1  # no cap: the least the run can take
         return [("stage2" if args.mask is not None else "adamw", steps)]
     if args.command == "mask" and args.method in SCORING_STEPS:
         option, passes = SCORING_STEPS[args.method]

@@ -108,6 +108,11 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
             "still_improving": convergence.still_improving(record),
             # the published row with the run's definition; none in files older than the field
             "published_as": str(record.get("published_as") or ""),
+            # the fair protocol's choice: the stage-2 rate (and bayestune's stage-1 preset) that
+            # won on validation among the run's candidates
+            "chosen_lr": float((record.get("finetune") or {}).get("lr", math.nan)),
+            "chosen_preset": str((record.get("chosen") or {}).get("preset") or ""),
+            "candidates": len((record.get("selection") or {}).get("candidates") or [None]),
         })
     if not rows:
         raise ConfigError("no metrics.json files given; run the fine-tuning stage first")
@@ -118,6 +123,20 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
         raise ConfigError(f"two runs of {first.method} budget {first.budget} on {first.task} seed "
                           f"{first.seed}: pass each metrics.json once")
     return scores
+
+
+def write_selection(paths: Iterable[PathLike], out_dir: PathLike, benchmark: str) -> Path:
+    """``<benchmark>_selection.csv``: every candidate of every run with its validation score
+    (x100) and whether validation chose it."""
+    from bayestune.selection import selection_rows
+
+    rows = selection_rows(files.read_json(path) for path in paths)
+    columns = ["method", "task", "seed", "budget", "candidate", "settings", "lr", "preset",
+               "val_score", "best_step", "steps", "stop_reason", "chosen"]
+    path = Path(out_dir) / f"{benchmark}_selection.csv"
+    with files.atomic_output(path) as tmp:
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
+    return path
 
 
 def _task_order(tasks: Iterable[str], benchmark: str) -> list[str]:

@@ -4,19 +4,22 @@ All knowledge of the file layout lives here, so the rule files only wire files t
 `bayestune` subcommands:
 
     {prepared_dir}/{task}/                                       prepared task data
-    {results_dir}/scales/{task}/seed{S}.safetensors              posterior-mean lambda
-    {results_dir}/scales/{task}/seed{S}.ckpt                     sampler checkpoint (resume)
+    {results_dir}/scales/{preset}/{task}/seed{S}.safetensors     posterior-mean lambda
+    {results_dir}/scales/{preset}/{task}/seed{S}.ckpt            sampler checkpoint (resume)
     {results_dir}/masks/{method}/{task}/seed{S}/p{budget}.safetensors
+    {results_dir}/masks/bayestune/{preset}/{task}/seed{S}/p{budget}.safetensors
     {results_dir}/finetune/{method}/{task}/{label}/seed{S}/{metrics.json,delta.safetensors}
     {results_dir}/{benchmark}_scores.csv, _table.csv, _table.md, _paired.csv, figures/
 
-{label} is p{budget} for mask methods (bitfit's fixed mask is filed under main_budget),
+{preset} is a stage-1 preset: the sampler's own, and every other one a candidate of the `tuning`
+grid names (bayestune.selection). {label} is p{budget} for mask methods (bitfit's fixed mask is filed under main_budget),
 `all` for full fine-tuning and `lora` for LoRA.
 
 Tasks declared under `custom_tasks` reach the command line as `--task-file <the config file>`;
 their declaration is a param of every rule that reads it, so an edit reruns those jobs.
 """
 
+import json
 import os
 import re
 import shlex
@@ -28,6 +31,9 @@ from snakemake.settings.types import DeploymentMethod
 from bayestune.masks import mask_file_name
 from bayestune.methods.registry import BUDGETED as _BUDGETED, FIXED as _FIXED, REGISTRY
 from bayestune.provenance import command_code_hash, folder_fingerprint
+from bayestune.selection import (
+    MASK_KEY, PRESET_KEY, candidate_presets, check_equal_counts, method_grid,
+)
 from bayestune.tasks import check_task_names
 from bayestune.tasks.base import TaskError
 from bayestune.tasks.custom import parse_custom_tasks, read_task_file
@@ -64,6 +70,14 @@ def _check_method_names():
 _check_method_names()
 
 MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
+
+# The fair protocol: every method chooses among the same number of candidates on validation; a
+# config that gives one method more is refused here, before any job starts.
+TUNING = config.get("tuning") or {}
+CANDIDATES = check_equal_counts(TUNING, METHODS)
+# Stage-1 presets whose scales bayestune's candidates use (the sampler's own when none is named).
+PRESETS = (candidate_presets(TUNING, config["sampler"].get("preset", "exact"))
+           if "bayestune" in METHODS else [])
 
 # Every task must be known before any job starts: a typo fails here, not job by job.
 CUSTOM_TASKS = parse_custom_tasks(config.get("custom_tasks"), where="config custom_tasks")
@@ -223,16 +237,31 @@ def prepared(task):
     return f"{PREP}/{task}"
 
 
-def scale_file(task, seed):
-    return f"{RES}/scales/{task}/seed{seed}.safetensors"
+def scale_file(preset, task, seed):
+    return f"{RES}/scales/{preset}/{task}/seed{seed}.safetensors"
 
 
-def checkpoint_file(task, seed):
-    return f"{RES}/scales/{task}/seed{seed}.ckpt"
+def checkpoint_file(preset, task, seed):
+    return f"{RES}/scales/{preset}/{task}/seed{seed}.ckpt"
 
 
-def mask_file(method, task, seed, label):
+def mask_file(method, task, seed, label, preset=None):
+    """A mask; bayestune's sit under the stage-1 preset whose scales ranked them."""
+    method = method if preset is None else f"{method}/{preset}"
     return f"{RES}/masks/{method}/{task}/seed{seed}/{label}.safetensors"
+
+
+def preset_of(wildcards):
+    return getattr(wildcards, "preset", None)
+
+
+def sampler_flags(wildcards):
+    """The sampler section under the preset's name, with the preset's own overrides
+    (sampler_by_preset, e.g. a scaled-down reference chain), then those of the seed
+    (sampler_by_seed, e.g. the paper's full-length chain for seed 0 only)."""
+    overrides = config["sampler_by_preset"].get(wildcards.preset, {})
+    by_seed = config["sampler_by_seed"].get(str(wildcards.seed), {}).get(wildcards.preset, {})
+    return cli_flags({**config["sampler"], **overrides, **by_seed, "preset": wildcards.preset})
 
 
 def start_file(method, task, seed):
@@ -263,7 +292,7 @@ def mask_inputs(wildcards):
     """What a mask method reads: bayestune the scale file, gradient methods the task data."""
     inputs = {}
     if wildcards.method == "bayestune":
-        inputs["scores"] = scale_file(wildcards.task, wildcards.seed)
+        inputs["scores"] = scale_file(wildcards.preset, wildcards.task, wildcards.seed)
     if wildcards.method in GRADIENT:
         inputs["data"] = prepared(wildcards.task)
     return inputs
@@ -284,7 +313,10 @@ def mask_flags(wildcards):
 
 def finetune_inputs(wildcards):
     inputs = {"data": prepared(wildcards.task)}
-    if wildcards.method not in UNMASKED:
+    if wildcards.method == "bayestune":
+        inputs["mask"] = [mask_file("bayestune", wildcards.task, wildcards.seed, wildcards.label,
+                                    preset) for preset in PRESETS]
+    elif wildcards.method not in UNMASKED:
         inputs["mask"] = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label)
     if wildcards.method in STARTED:
         inputs["start"] = start_file(wildcards.method, wildcards.task, wildcards.seed)
@@ -299,7 +331,8 @@ def finetune_source(wildcards):
         return f"--method lora {cli_flags(config['lora'], prefix='lora_')}"
     if wildcards.method in UNMASKED:
         return f"--method {wildcards.method}"
-    mask = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label)
+    preset = PRESETS[0] if wildcards.method == "bayestune" else None
+    mask = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label, preset)
     if wildcards.method in STARTED:
         start = start_file(wildcards.method, wildcards.task, wildcards.seed)
         return f"--mask {mask} --start {start}"
@@ -310,7 +343,21 @@ def finetune_flags(wildcards):
     """The finetune section with the method's own overrides (full fine-tuning wants a far
     smaller learning rate than a 0.5% mask)."""
     overrides = config["finetune_by_method"].get(wildcards.method, {})
-    return cli_flags({**config["finetune"], **overrides})
+    return f"{cli_flags({**config['finetune'], **overrides})}{candidates_flag(wildcards)}"
+
+
+def candidates_flag(wildcards):
+    """--candidates JSON: the method's grid, each bayestune preset replaced by its mask."""
+    if not TUNING:
+        return ""
+    candidates = []
+    for candidate in method_grid(TUNING, wildcards.method):
+        if wildcards.method == "bayestune":
+            preset = candidate.get(PRESET_KEY, PRESETS[0])
+            candidate = {**candidate, PRESET_KEY: preset, MASK_KEY: mask_file(
+                "bayestune", wildcards.task, wildcards.seed, wildcards.label, preset)}
+        candidates.append(candidate)
+    return f" --candidates {shlex.quote(json.dumps(candidates, separators=(',', ':')))}"
 
 
 def all_metrics():
@@ -325,11 +372,12 @@ def all_metrics():
 
 def figure_masks(wildcards):
     """Each mask method's mask at main_budget, first seed: what the mask figures compare."""
-    return [mask_file(m, wildcards.task, SEEDS[0], budget_label(MAIN_BUDGET)) for m in MASK_METHODS]
+    return [mask_file(m, wildcards.task, SEEDS[0], budget_label(MAIN_BUDGET),
+                      PRESETS[0] if m == "bayestune" else None) for m in MASK_METHODS]
 
 
 def figure_scales(wildcards):
-    return [scale_file(wildcards.task, SEEDS[0])] if "bayestune" in METHODS else []
+    return [scale_file(PRESETS[0], wildcards.task, SEEDS[0])] if "bayestune" in METHODS else []
 
 
 def task_figures(task):
@@ -388,5 +436,6 @@ def all_targets():
 wildcard_constraints:
     task="|".join(map(re.escape, TASKS)),
     seed=r"\d+",
+    preset="|".join(map(re.escape, PRESETS or ["exact"])),
     method="|".join(map(re.escape, REGISTRY)),
     label=r"p[0-9.e+-]+|all|lora",

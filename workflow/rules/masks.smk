@@ -9,7 +9,7 @@ rule mask:
     output:
         [mask_file("{method}", "{task}", "{seed}", budget_label(b)) for b in BUDGETS],
     wildcard_constraints:
-        method="|".join(map(re.escape, [m for m in BUDGETED if m not in STARTED])),
+        method="|".join(map(re.escape, [m for m in BUDGETED if m not in STARTED + ["bayestune"]])),
     log:
         f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
@@ -18,7 +18,8 @@ rule mask:
         device=config["device"],
         gpu_slots=lambda wc: gpu_slot_flags(wc.method in GRADIENT),
         budgets=budgets_flag(BUDGETS),
-        out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x")),
+        out_dir=lambda wc: os.path.dirname(mask_file(wc.method, wc.task, wc.seed, "x",
+                                                     preset_of(wc))),
         inputs=mask_options,
         flags=mask_flags,
         task_file=lambda wc: task_file_flag(wc.task),
@@ -59,3 +60,13 @@ use rule mask as mask_started with:
         start_file("{method}", "{task}", "{seed}"),
     wildcard_constraints:
         method="|".join(map(re.escape, STARTED)),
+
+
+# bayestune: one mask job per stage-1 preset its candidates use, from that preset's scales.
+use rule mask as mask_bayestune with:
+    output:
+        [mask_file("{method}", "{task}", "{seed}", budget_label(b), "{preset}") for b in BUDGETS],
+    wildcard_constraints:
+        method="bayestune",
+    log:
+        f"{RES}/logs/mask/{{method}}/{{preset}}/{{task}}/seed{{seed}}.log",

@@ -21,6 +21,7 @@ rule report:
                       category="Tables"),
         provenance=report(provenance_file(), caption="../report/provenance.rst",
                           category="Tables"),
+        selection=f"{RES}/{BENCH}_selection.csv",
     log:
         f"{RES}/logs/report.log",
     params:

@@ -7,16 +7,16 @@ rule sample:
     input:
         data=lambda wc: prepared(wc.task),
     output:
-        f"{RES}/scales/{{task}}/seed{{seed}}.safetensors",
+        scale_file("{preset}", "{task}", "{seed}"),
     log:
-        f"{RES}/logs/sample/{{task}}/seed{{seed}}.log",
+        f"{RES}/logs/sample/{{preset}}/{{task}}/seed{{seed}}.log",
     params:
         code=CODE["sample"],
         model=config["model"],
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
-        checkpoint=lambda wc: checkpoint_file(wc.task, wc.seed),
-        flags=cli_flags(config["sampler"]),
+        checkpoint=lambda wc: checkpoint_file(wc.preset, wc.task, wc.seed),
+        flags=sampler_flags,
         task_file=lambda wc: task_file_flag(wc.task),
         declaration=lambda wc: task_declaration(wc.task),
     threads: res("sample", "threads")

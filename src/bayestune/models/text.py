@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -245,8 +246,11 @@ class TextTaskModel(TaskModel):
 
 def build_text_model(model_name: str, head: str, num_labels: int, seed: int) -> TaskModel:
     """Pretrained encoder ``model_name`` (Hub name, alias or folder) with a fresh seeded head."""
-    encoder = _from_pretrained(lambda path: _encoder_from(AutoModel.from_pretrained, path),
-                               model_name)
+    # float32 whatever the checkpoint stores: fp16 weights (a carried copy) would otherwise load
+    # as fp16 and train without the precision the optimisers assume.
+    encoder = _from_pretrained(
+        lambda path: _encoder_from(partial(AutoModel.from_pretrained, dtype=torch.float32), path),
+        model_name)
     model = TextTaskModel(encoder, head, num_labels, seed)
     model.model_id = canonical_model_name(model_name)
     return model
