@@ -221,7 +221,7 @@ def test_readme_recipe_after_a_killed_snakemake_run(tmp_path, tiny_model_dir, gl
     assert not locks.exists() or not list(locks.iterdir())
     again = snakemake(run, *args, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    log = (run / "results/tiny/logs/sample/cb/seed0.log").read_text()
+    log = (run / "results/tiny/logs/sample/exact/cb/seed0.log").read_text()
     assert "stage 1 resumed from step" in log
     assert (run / target).is_file() and not checkpoint.exists()
     assert not list(checkpoint.parent.glob(".*.tmp"))
