@@ -582,3 +582,53 @@ def test_scale_file_holds_the_mean_and_the_run_settings(tmp_path):
     assert meta["model_id"] == "tiny-net" and meta["seed"] == 3
     assert meta["n_samples"] == 5 and meta["steps"] == 40 and meta["temperature"] == 1e4
     assert meta["variant"] == "adamw" and "bayestune_version" in meta
+
+
+# --- job logs ---------------------------------------------------------------------------------
+def _log_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bayestune.sampler"
+            and r.getMessage().startswith("stage 1 step")]
+
+
+def test_log_lines_every_n_steps_with_phase_and_lambda(caplog):
+    caplog.set_level("INFO", logger="bayestune.sampler")
+    run(small_config(warmup_steps=10), log_every=10)
+    lines = _log_lines(caplog)
+    assert [line.split(":")[0] for line in lines] == [
+        "stage 1 step 10/40 (warm-up)", "stage 1 step 20/40 (burn-in)",
+        "stage 1 step 30/40 (sampling)", "stage 1 step 40/40 (sampling)"]
+    # through warm-up lambda stays at lambda_init = 1e-3, far above the floor
+    assert "lambda median 0.001 p99 0.001 max 0.001, at floor 0.0%" in lines[0]
+    assert all("validation" not in line for line in lines)  # no length rule here
+    assert all(float(line.split("loss ")[1].split(",")[0]) > 0 for line in lines)
+
+
+def test_log_lines_carry_the_length_rules_scores(caplog):
+    caplog.set_level("INFO", logger="bayestune.sampler")
+    config = small_config("reference", steps=0, min_steps=24, patience=2, eval_every=4)
+    result = run(config, validate=val_score, log_every=1000)
+    lines = _log_lines(caplog)
+    # only the validations (after steps 3, 7, ...: jiant's steps + 1) and the last step log
+    evaluated = [int(line.split()[3].split("/")[0]) for line in lines if "validation" in line]
+    assert evaluated == list(range(3, result.steps + 1, 4))
+    best = [float(line.split("validation ")[1].split()[0]) for line in lines if "(best)" in line]
+    assert best[-1] == pytest.approx(result.best_val, abs=1e-4)
+    assert lines[-1].startswith(f"stage 1 step {result.steps}/")  # the last step, too
+
+
+def test_lambda_summary_quantiles_floor_and_subset(monkeypatch):
+    config = small_config()
+    sampler = Sampler(tiny_net(), ce_loss, config, 0, torch.device("cpu"))
+    lam = sampler.lam_flat
+    with torch.no_grad():
+        lam.copy_(torch.linspace(-1.0, 1.0, lam.numel()))
+    exact = torch.quantile(lam.clamp_min(config.lambda_floor), torch.tensor([0.5, 0.99]))
+    summary = sampler.lambda_summary()
+    assert summary["median"] == pytest.approx(float(exact[0]))
+    assert summary["p99"] == pytest.approx(float(exact[1]))
+    assert summary["max"] == 1.0
+    assert summary["at_floor"] == pytest.approx(int((lam <= 1e-8).sum()) / lam.numel())
+    monkeypatch.setattr(sampler_module, "LOG_QUANTILE_ENTRIES", 16)  # a strided subset
+    coarse = sampler.lambda_summary()
+    assert coarse["p99"] == pytest.approx(float(exact[1]), abs=0.2)
+    assert (coarse["max"], coarse["at_floor"]) == (summary["max"], summary["at_floor"])

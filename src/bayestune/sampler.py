@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bayestune import files
 from bayestune.errors import ConfigError, DataError, RunFailedError
@@ -65,6 +66,8 @@ NO_GRAD_RULES = ("prior", "skip")
 # On the CPU the update runs block by block over pieces of the parameters, so that a block's
 # arrays stay in cache through all the ops; a GPU takes whole tensors in one multi-tensor op.
 CPU_PIECE, CPU_BLOCK = 1 << 16, 1 << 17
+# Entries of lambda the logged quantiles are read from (see Sampler.lambda_summary).
+LOG_QUANTILE_ENTRIES = 1 << 20
 CHECKPOINT_VERSION = 3  # 3: schedule, length rule and steps per epoch in the state
 # Fields that do not change the samples: a checkpoint may be resumed with other values.
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every")
@@ -615,22 +618,37 @@ class Sampler:
         return lam_grads
 
     # --- the length rule ----------------------------------------------------------------------
-    def check_length(self, validate: Callable[[nn.Module], float] | None) -> None:
-        """After a step: validate when the length rule wants a score, and stop when it says.
-        The validation runs on a fork of the global RNG, so that it cannot shift the dropout
-        masks of later steps."""
+    def check_length(self, validate: Callable[[nn.Module], float] | None) -> float | None:
+        """After a step: validate when the length rule wants a score, and stop when it says;
+        the score when one was taken. The validation runs on a fork of the global RNG, so
+        that it cannot shift the dropout masks of later steps."""
         rule = self.length_rule
         if rule is None:
-            return
+            return None
+        score = None
         if rule.due(self.step):
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 score = float(validate(self.model))
             self.model.train()
-            best = rule.record(score, self.step)
-            log.info("stage 1 step %d: validation %.4f%s (%d without improvement)", self.step,
-                     score, " (best)" if best else "", rule.since_best)
+            rule.record(score, self.step)
         self.stopped = rule.should_stop(self.step)
+        return score
+
+    @torch.no_grad()
+    def lambda_summary(self) -> dict[str, float]:
+        """Median, 99th percentile and maximum of max(lambda, floor), and the fraction of
+        lambda at or below the floor. The quantiles are read from an evenly strided subset of
+        at most ``LOG_QUANTILE_ENTRIES`` entries (all of them in a small model): a sort of the
+        whole buffer would cost seconds per log line at RoBERTa's size. Max and fraction are
+        exact."""
+        lam = self.lam_flat.detach()
+        stride = -(-lam.numel() // LOG_QUANTILE_ENTRIES)
+        subset = self.prior.scale(lam[::stride]).float()
+        median, p99 = torch.quantile(subset, torch.tensor([0.5, 0.99], device=lam.device))
+        at_floor = int((lam <= self.prior.floor).sum()) / lam.numel()
+        return {"median": float(median), "p99": float(p99),
+                "max": float(self.prior.scale(lam.max())), "at_floor": at_floor}
 
 
     # --- samples and checks -------------------------------------------------------------------
@@ -799,6 +817,7 @@ def sample_scales(
     progress: bool = True,
     steps_per_epoch: int | None = None,
     validate: Callable[[nn.Module], float] | None = None,
+    log_every: int = 0,
 ) -> ScaleResult:
     """Run stage 1 and return the posterior mean (and variance) of the scales lambda.
 
@@ -809,7 +828,9 @@ def sample_scales(
     of the jiant schedule. With ``checkpoint_path``, the whole state is saved every
     ``config.checkpoint_every`` steps and at the end, and an existing checkpoint there is
     resumed from: a resumed run gives the same result as an uninterrupted one. The model is
-    moved to ``device`` and left there, holding the last sample of theta.
+    moved to ``device`` and left there, holding the last sample of theta. ``log_every`` > 0
+    logs a line every this many steps, after each validation and at the end (see
+    :func:`_log_line`).
     """
     config.validate()
     if config.patience > 0 and validate is None:
@@ -822,14 +843,14 @@ def sample_scales(
     sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch,
                       steps_per_epoch=steps_per_epoch)
     try:
-        return _run(sampler, batches, checkpoint_path, seed, progress, validate)
+        return _run(sampler, batches, checkpoint_path, seed, progress, validate, log_every)
     finally:
         sampler.close()
 
 
 def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
          checkpoint_path: Path | None, seed: int, progress: bool,
-         validate: Callable[[nn.Module], float] | None) -> ScaleResult:
+         validate: Callable[[nn.Module], float] | None, log_every: int) -> ScaleResult:
     config, dev = sampler.config, sampler.device
     state = files.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if state is not None:
@@ -837,8 +858,9 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
         log.info("stage 1 resumed from step %d (checkpoint %s)", sampler.step, checkpoint_path)
     else:
         torch.manual_seed(seed)  # dropout
+    losses: list[float] = []  # since the last log line
     with tqdm(total=sampler.limit, initial=sampler.step, disable=not progress,
-              desc="stage 1", dynamic_ncols=True) as bar:
+              desc="stage 1", dynamic_ncols=True) as bar, _lines_above(bar):
         while not sampler.finished:
             epoch_batches = _epoch_iter(batches, sampler)
             if state is not None:
@@ -846,7 +868,12 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
                 state = None
             for batch in epoch_batches:
                 loss_value = sampler.advance(move_batch(batch, dev))
-                sampler.check_length(validate)
+                score = sampler.check_length(validate)
+                losses.append(loss_value)
+                if log_every and (score is not None or sampler.step % log_every == 0
+                                  or sampler.finished):
+                    log.info("%s", _log_line(sampler, losses, score))
+                    losses = []
                 bar.update(1)
                 bar.set_postfix(phase=config.phase(sampler.step - 1), loss=f"{loss_value:.4g}",
                                 refresh=False)
@@ -859,6 +886,27 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
         log.info("stage 1 stopped by the length rule after %d steps (best validation %.4f at "
                  "step %d)", sampler.step, sampler.length_rule.best, sampler.length_rule.best_step)
     return sampler.result()
+
+
+def _lines_above(bar: tqdm) -> contextlib.AbstractContextManager:
+    """With a progress bar, log lines print above it instead of through it."""
+    return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()
+
+
+def _log_line(sampler: Sampler, losses: Sequence[float], score: float | None) -> str:
+    """One line of a job log: step, phase, mean loss since the last line, lambda's spread and
+    the validation score when the length rule just took one."""
+    config, step = sampler.config, sampler.step
+    total = f"/{sampler.limit}" if sampler.limit is not None else ""
+    lam = sampler.lambda_summary()
+    line = (f"stage 1 step {step}{total} ({config.phase(step - 1)}): loss "
+            f"{sum(losses) / max(len(losses), 1):.4f}, lambda median {lam['median']:.3g} "
+            f"p99 {lam['p99']:.3g} max {lam['max']:.3g}, at floor {lam['at_floor']:.1%}")
+    if score is not None:
+        rule = sampler.length_rule
+        best = " (best)" if rule.best_step == step else ""
+        line += f", validation {score:.4f}{best}, {rule.since_best} without improvement"
+    return line
 
 
 def _epoch_iter(batches: Callable[[int], Iterable[dict]], sampler: Sampler) -> Iterable[dict]:
