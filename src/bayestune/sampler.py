@@ -8,9 +8,10 @@ Phases, in optimiser steps s = 0, 1, ... (docs/ALGORITHM.md):
   (theta) and Adam (lambda), ``"hf-adamw"`` to the authors' transformers AdamW instead,
   ``"sgld"`` takes a plain step ``x <- x - eta * grad``.
 * ``s >= burnin_steps`` and ``(s - burnin_steps) % thinning == 0``: after the update,
-  max(lambda, floor) enters a running mean and variance (Welford, each sample once; off the
-  GPU they live in a scratch file, see :class:`RunningStats`). ``sample_rule="authors"``
-  counts as the authors' code does instead (see :class:`SamplerConfig`).
+  max(lambda, floor) enters a running mean (and M2 with ``variance``; Welford, each sample
+  once; off the GPU they live in a scratch file, see :class:`RunningStats`).
+  ``sample_rule="authors"`` counts as the authors' code does instead (see
+  :class:`SamplerConfig`).
 
 Named presets (:data:`PRESETS`, :func:`sampler_config`) bundle the settings: ``exact`` (the
 maths above with constant rates), ``cold`` (no noise, for short chains) and ``reference`` (the
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
@@ -68,9 +70,12 @@ NO_GRAD_RULES = ("prior", "skip")
 CPU_PIECE, CPU_BLOCK = 1 << 16, 1 << 17
 # Entries of lambda the logged quantiles are read from (see Sampler.lambda_summary).
 LOG_QUANTILE_ENTRIES = 1 << 20
-CHECKPOINT_VERSION = 3  # 3: schedule, length rule and steps per epoch in the state
+# 4: theta0 by fingerprint, not by value; lambda only once it moved; M2 only with variance;
+# optionally bf16 state
+CHECKPOINT_VERSION = 4
+CHECKPOINT_PRECISIONS = ("fp32", "bf16")
 # Fields that do not change the samples: a checkpoint may be resumed with other values.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "checkpoint_precision")
 
 # What each preset changes from the dataclass defaults (which are ``exact``). ``reference``
 # spells out every value of the authors' MRPC command, so that it does not move when a default
@@ -181,6 +186,16 @@ class SamplerConfig:
         "help": "max norm of the data-loss gradient, clipped before prior and noise (0 = off)"})
     checkpoint_every: int = field(default=200, metadata={
         "help": "steps between checkpoints when a checkpoint path is given (0 = only at the end)"})
+    checkpoint_precision: str = field(default="fp32", metadata={
+        "help": "fp32: a resumed run is bit-identical to an uninterrupted one (checkpoint up to "
+                "7x the model); bf16: theta's change from theta0, lambda, the optimiser "
+                "moments and the running mean rounded to bf16 (up to 3.5x the model; the "
+                "resumed chain differs by that rounding)",
+        **_choices(*CHECKPOINT_PRECISIONS)})
+    variance: bool = field(default=False, metadata={
+        "help": "also keep lambda's running M2 for the posterior variance (one more "
+                "model-sized buffer in the statistics and the checkpoint; the scale file "
+                "stores only the mean)"})
     autocast: bool = field(default=False, metadata={
         "help": "bf16 autocast of the forward pass on CUDA (ignored on the CPU)"})
 
@@ -192,7 +207,8 @@ class SamplerConfig:
         for name, allowed in (("preset", tuple(PRESETS)), ("variant", VARIANTS),
                               ("schedule", SCHEDULES), ("sample_rule", SAMPLE_RULES),
                               ("no_grad_params", NO_GRAD_RULES),
-                              ("floor_gradient", FLOOR_GRADIENTS)):
+                              ("floor_gradient", FLOOR_GRADIENTS),
+                              ("checkpoint_precision", CHECKPOINT_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of "
                                 f"{', '.join(allowed)}")
@@ -316,7 +332,8 @@ def preset_overrides(config: SamplerConfig) -> list[str]:
 @dataclass
 class ScaleResult:
     mean: dict[str, Tensor]   # posterior mean of max(lambda, floor), per parameter tensor
-    var: dict[str, Tensor]    # unbiased sample variance (zeros with a single sample)
+    var: dict[str, Tensor] | None  # unbiased sample variance (zeros with a single sample);
+    #                                 None unless the config asked for the variance
     n_samples: int
     steps: int
     steps_per_epoch: int | None = None   # the schedule's, when one was given
@@ -413,6 +430,7 @@ class Sampler:
         self.stopped = False  # by the length rule
         self.scratch_dir = scratch_dir  # where the running statistics' scratch file goes
         self.stats: RunningStats | None = None  # made by the first sample
+        self._theta0_fingerprint: str | None = None
 
     @property
     def limit(self) -> int | None:
@@ -434,7 +452,7 @@ class Sampler:
 
     def _new_stats(self) -> RunningStats:
         return RunningStats(self.layout.numel, in_memory=self.device.type == "cuda",
-                            directory=self.scratch_dir)
+                            directory=self.scratch_dir, variance=self.config.variance)
 
     def close(self) -> None:
         """Drop the scratch file of the running statistics (also done when collected)."""
@@ -654,7 +672,7 @@ class Sampler:
     # --- samples and checks -------------------------------------------------------------------
     @torch.no_grad()
     def record_sample(self) -> None:
-        """Welford update of the running mean and M2 with max(lambda, floor), block by block
+        """Welford update of the running mean (and M2) with max(lambda, floor), block by block
         so that no full-size temporary is made."""
         if self.stats is None:
             self.stats = self._new_stats()
@@ -687,43 +705,80 @@ class Sampler:
             raise RuntimeError(f"step {self.step}: no lambda sample recorded yet (samples start "
                                f"at burnin_steps={self.config.burnin_steps})")
         mean = self._named(self.stats.region(0))
-        var = self.stats.region(1)
-        var = var.div_(self.count - 1) if self.count > 1 else var.zero_()
+        var = None
+        if self.config.variance:
+            m2 = self.stats.region(1)
+            var = self._named(m2.div_(self.count - 1) if self.count > 1 else m2.zero_())
         best = self.length_rule.best if self.length_rule is not None else None
-        return ScaleResult(mean=mean, var=self._named(var), n_samples=self.count,
-                           steps=self.step, steps_per_epoch=self.steps_per_epoch, best_val=best)
+        return ScaleResult(mean=mean, var=var, n_samples=self.count, steps=self.step,
+                           steps_per_epoch=self.steps_per_epoch, best_val=best)
 
     def _named(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: v.clone() for n, v in zip(self.names, self.layout.views(flat), strict=True)}
 
     # --- checkpoints ----------------------------------------------------------------------------
+    # In model-sized buffers (fp32 / bf16): the model's weights (1 / 0.5, where bf16 stores
+    # theta - theta0) and theta's two AdamW moments (2 / 1); once SGLD has moved lambda, lambda
+    # and its two Adam moments (3 / 1.5); once samples are recorded, the running mean (1 / 0.5)
+    # and, with `variance`, M2 (1 / 0.5). So at most 7x (fp32) or 3.5x (bf16) the model. theta0
+    # is never stored: the resuming run rebuilds it from the model source and checks it by its
+    # fingerprint. Bit-identical resuming needs every other fp32 value, hence 7x.
+    def theta0_fingerprint(self) -> str:
+        """A hash of theta0's bytes (computed once: theta0 never changes)."""
+        if self._theta0_fingerprint is None:
+            digest = hashlib.blake2b(digest_size=16)
+            for chunk in torch.split(self.theta0_flat.detach(), 1 << 22):
+                digest.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
+            self._theta0_fingerprint = digest.hexdigest()
+        return self._theta0_fingerprint
+
+    @property
+    def lambda_moved(self) -> bool:
+        """Whether an SGLD step has run (before that lambda is lambda_init everywhere)."""
+        return self.step > 0 and self.config.in_sgld(self.step - 1)
+
     def state_dict(self, seed: int) -> dict[str, Any]:
-        """Everything to resume from; "mean" and "m2" name the attachments (see
-        :meth:`attachments`) that hold the running statistics, None before the first sample."""
-        regions = RunningStats.REGIONS if self.stats is not None else (None, None)
+        """Everything to resume from; "stats" names the attachments (see :meth:`attachments`)
+        that hold the running statistics, none before the first sample."""
+        bf16 = self.config.checkpoint_precision == "bf16"
+        model, theta_delta = self._model_state(bf16)
         return {
             "version": CHECKPOINT_VERSION, "seed": seed, "config": _resume_key(self.config),
+            "precision": self.config.checkpoint_precision,
             "names": self.names, "shapes": [list(s) for s in self.shapes],
             "pieces": self.layout.piece_sizes, "steps_per_epoch": self.steps_per_epoch,
             "step": self.step, "epoch": self.epoch, "position": self.position,
-            "model": self.model.state_dict(),
-            "theta0": self.theta0_flat, "lam": self.lam_flat,
-            "opt_theta": self.opt_theta.state_dict() if self.opt_theta else None,
-            "opt_lam": self.opt_lam.state_dict() if self.opt_lam else None,
+            "theta0": self.theta0_fingerprint(), "model": model, "theta_delta": theta_delta,
+            "lam": _rounded(self.lam_flat.detach(), bf16) if self.lambda_moved else None,
+            "opt_theta": _optimiser_state(self.opt_theta, bf16),
+            "opt_lam": _optimiser_state(self.opt_lam, bf16),
             "schedule": self.schedule.state_dict() if self.schedule else None,
             "length_rule": self.length_rule.state_dict() if self.length_rule else None,
             "stopped": self.stopped,
-            "count": self.count, "mean": regions[0], "m2": regions[1],
+            "count": self.count, "stats": list(self.stats.regions) if self.stats else [],
             "noise_rng": self.noise.get_state(),
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
+    def _model_state(self, bf16: bool) -> tuple[dict[str, Tensor], list[Tensor] | None]:
+        """The model's state dict; with bf16, its sampled parameters as bf16 changes from
+        theta0 instead (rounding a change, not a weight, keeps the error to that of the
+        change)."""
+        state = self.model.state_dict()
+        if not bf16:
+            return state, None
+        sampled = set(self.names)
+        delta = [(p.detach() - t0).to(torch.bfloat16)
+                 for p, t0 in zip(self.params, self.layout.views(self.theta0_flat), strict=True)]
+        return {k: v for k, v in state.items() if k not in sampled}, delta
+
     def attachments(self) -> dict[str, Callable[[BinaryIO], None]]:
         """Writers of the running statistics, streamed into the checkpoint file."""
         if self.stats is None:
             return {}
-        return {name: self.stats.writer(k) for k, name in enumerate(RunningStats.REGIONS)}
+        dtype = _STORED_DTYPES[self.config.checkpoint_precision]
+        return {name: self.stats.writer(k, dtype) for k, name in enumerate(self.stats.regions)}
 
     def save_checkpoint(self, path: Path, seed: int) -> None:
         files.save_checkpoint(path, self.state_dict(seed), self.attachments())
@@ -733,10 +788,12 @@ class Sampler:
         """Restore everything but torch's global RNG (see :func:`_restore_global_rng`); the
         running statistics come from the attachments of the checkpoint file at ``path``."""
         _check_resumable(state, self, seed, path)
-        self.model.load_state_dict(state["model"])
-        self.theta0_flat.copy_(state["theta0"])
-        self.lam_flat.copy_(state["lam"])
-        if self.opt_theta is not None:
+        self._load_model(state, path)
+        if state["lam"] is None:
+            self.lam_flat.fill_(self.config.lambda_init)
+        else:
+            self.lam_flat.copy_(state["lam"])
+        if self.opt_theta is not None:  # torch casts bf16 moments back to the parameters' dtype
             self.opt_theta.load_state_dict(state["opt_theta"])
             self.opt_lam.load_state_dict(state["opt_lam"])
         if self.schedule is not None:
@@ -751,9 +808,42 @@ class Sampler:
         if state["count"] > 0:
             self.stats = self._new_stats()
             self.stats.count = state["count"]
-            for k, name in enumerate((state["mean"], state["m2"])):
+            dtype = _STORED_DTYPES[state["precision"]]
+            for k, name in enumerate(state["stats"]):
                 with files.open_checkpoint_attachment(path, name) as stream:
-                    self.stats.load(k, stream, path)
+                    self.stats.load(k, stream, path, dtype)
+
+    def _load_model(self, state: dict[str, Any], path: Path) -> None:
+        if state["theta_delta"] is None:
+            self.model.load_state_dict(state["model"])
+            return
+        missing = self.model.load_state_dict(state["model"], strict=False).missing_keys
+        if not set(missing) <= set(self.names):
+            raise files.FileFormatError(f"{path}: the checkpoint lacks {sorted(missing)[0]}; "
+                                        "delete it to start over")
+        for p, t0, delta in zip(self.params, self.layout.views(self.theta0_flat),
+                                state["theta_delta"], strict=True):
+            p.copy_(t0 + delta.to(p.device, p.dtype))
+
+
+_STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _rounded(t: Tensor, bf16: bool) -> Tensor:
+    return t.to(torch.bfloat16) if bf16 else t
+
+
+def _optimiser_state(opt: torch.optim.Optimizer | None, bf16: bool) -> dict[str, Any] | None:
+    """The optimiser's state dict, its moments in bf16 if asked (steps stay exact)."""
+    if opt is None:
+        return None
+    state = opt.state_dict()
+    if bf16:
+        state["state"] = {
+            key: {name: _rounded(v, v.is_floating_point() and v.dim() > 0)
+                  if torch.is_tensor(v) else v for name, v in per_param.items()}
+            for key, per_param in state["state"].items()}
+    return state
 
 
 def _resume_key(config: SamplerConfig) -> dict[str, Any]:
@@ -762,7 +852,13 @@ def _resume_key(config: SamplerConfig) -> dict[str, Any]:
 
 def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: Path) -> None:
     fix = f"delete {path} to start over, or resume with the settings that wrote it"
-    if state.get("version") != CHECKPOINT_VERSION:
+    version = state.get("version")
+    if isinstance(version, int) and version < CHECKPOINT_VERSION:
+        raise files.FileFormatError(f"{path}: a sampler checkpoint of version {version}, written "
+                                    "by an older bayestune; this one reads version "
+                                    f"{CHECKPOINT_VERSION} (smaller checkpoints): delete it to "
+                                    "start over")
+    if version != CHECKPOINT_VERSION:
         raise files.FileFormatError(f"{path}: not a sampler checkpoint of this version; {fix}")
     if state["seed"] != seed:
         raise SamplerConfigError(f"{path} was written with seed {state['seed']}, not {seed}; "
@@ -775,6 +871,10 @@ def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: P
                                  f"{fix}")
     if state["names"] != sampler.names or state["shapes"] != [list(s) for s in sampler.shapes]:
         raise files.FileFormatError(f"{path}: checkpoint of another model; {fix}")
+    if state["theta0"] != sampler.theta0_fingerprint():
+        raise files.FileFormatError(f"{path}: written from other starting weights theta0 "
+                                    "(another model file or seed); resume with the --model and "
+                                    f"--seed that wrote it, or {fix}")
     if state["pieces"] != sampler.layout.piece_sizes:  # lambda's optimiser state is by piece
         raise SamplerConfigError(f"{path} was written on another device type (cpu vs cuda); "
                                  f"resume it on the same kind of device, or {fix}")
