@@ -242,7 +242,7 @@ def test_warmup_fine_tunes_theta_and_keeps_lambda_fixed(tmp_path):
     at_w = _checkpoint_after(config.warmup_steps, config, tmp_path)
     assert at_w["step"] == config.warmup_steps
     assert at_w["lam"] is None                # still lambda_init everywhere: not stored
-    assert at_w["opt_lam"]["state"] == {}     # nor has lambda's optimiser any state yet
+    assert all(opt["state"] == {} for opt in at_w["opt_lam"])  # nor has its optimiser state
     theta = torch.cat([at_w["model"][n].reshape(-1) for n in at_w["names"]])
     theta0 = torch.cat([p.detach().reshape(-1) for p in tiny_net().parameters()])
     assert not torch.equal(theta, theta0)     # plain fine-tuning happened
@@ -678,12 +678,13 @@ def test_bf16_checkpoint_rounds_each_value_once_and_resumes_close(tmp_path):
     rounded = files.load_checkpoint(rounded_path)
     close = {"rtol": 2.0 ** -8, "atol": 0.0}  # bf16 keeps 8 significant bits
     torch.testing.assert_close(rounded["lam"].float(), exact["lam"], **close)
-    for key in ("opt_theta", "opt_lam"):
-        for i, moments in exact[key]["state"].items():
+    for mine, ours in zip([rounded["opt_theta"], *rounded["opt_lam"]],
+                          [exact["opt_theta"], *exact["opt_lam"]], strict=True):
+        for i, moments in ours["state"].items():
             for name in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(rounded[key]["state"][i][name].float(),
-                                           moments[name], **close)
-            assert torch.equal(rounded[key]["state"][i]["step"], moments["step"])
+                torch.testing.assert_close(mine["state"][i][name].float(), moments[name],
+                                           **close)
+            assert torch.equal(mine["state"][i]["step"], moments["step"])
     theta0 = [p.detach() for p in wide_net().parameters()]
     for t0, delta, name in zip(theta0, rounded["theta_delta"], exact["names"], strict=True):
         torch.testing.assert_close(delta.float(), exact["model"][name] - t0, **close)

@@ -66,8 +66,10 @@ SCHEDULES = ("constant", "jiant")
 SAMPLE_RULES = ("after-update", "authors")
 NO_GRAD_RULES = ("prior", "skip")
 # On the CPU the update runs block by block over pieces of the parameters, so that a block's
-# arrays stay in cache through all the ops; a GPU takes whole tensors in one multi-tensor op.
+# arrays stay in cache through all the ops; a GPU takes whole tensors, in blocks that bound the
+# temporaries (noise, lambda's gradient) to a block's size instead of the model's.
 CPU_PIECE, CPU_BLOCK = 1 << 16, 1 << 17
+GPU_BLOCK = 1 << 25
 # Entries of lambda the logged quantiles are read from (see Sampler.lambda_summary).
 LOG_QUANTILE_ENTRIES = 1 << 20
 # 4: theta0 by fingerprint, not by value; lambda only once it moved; M2 only with variance;
@@ -406,11 +408,11 @@ class Sampler:
             self.theta0_pieces = self.layout.flat_pieces(self.theta0_flat)
             self.lam_params = [v.requires_grad_() for v in
                                self.layout.flat_pieces(self.lam_flat)]
-            self.blocks = self.layout.groups(CPU_BLOCK if on_cpu else None)
+            self.blocks = self.layout.groups(CPU_BLOCK if on_cpu else GPU_BLOCK)
         else:
             self.theta0s = self.layout.views(self.theta0_flat)
             self.lam_params = [v.requires_grad_() for v in self.lams]
-        self.opt_theta, self.opt_lam = self._optimisers()
+        self.opt_theta, self.opt_lams = self._optimisers()
         self.schedule = (jiant_schedule(self.opt_theta, epochs=config.schedule_epochs,
                                         steps_per_epoch=steps_per_epoch,
                                         warmup_ratio=config.schedule_warmup)
@@ -459,13 +461,17 @@ class Sampler:
         if self.stats is not None:
             self.stats.close()
 
-    def _optimisers(self) -> tuple[torch.optim.Optimizer | None, torch.optim.Optimizer | None]:
+    def _optimisers(self) -> tuple[torch.optim.Optimizer | None, list[torch.optim.Optimizer]]:
+        """theta's optimiser and lambda's: one Adam per block in the fused step (each block's
+        lambda is stepped as soon as its gradient is formed), one in all per tensor."""
         config = self.config
         if config.variant == "sgld":
-            return None, None
+            return None, []
         fast = ({"fused": True} if self.device.type in ("cpu", "cuda")
                 else {"foreach": True})
-        lam = torch.optim.Adam(self.lam_params, lr=config.lr_lambda, **fast)
+        blocks = ([self.lam_params[block] for block in self.blocks] if self.fused
+                  else [self.lam_params])
+        lam = [torch.optim.Adam(block, lr=config.lr_lambda, **fast) for block in blocks]
         if config.variant == "adamw":
             theta = torch.optim.AdamW(self.params, lr=config.lr_theta,
                                       weight_decay=config.weight_decay, **fast)
@@ -523,8 +529,9 @@ class Sampler:
             grads = self._grads(fill_missing=sgld)
             if self.config.grad_clip > 0:  # the data gradient only, as the reference
                 nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-            lam_grads = self._posterior_terms(grads) if sgld else None
-            self._update(grads, lam_grads)
+            if sgld:
+                self._posterior_terms(grads)
+            self._update(grads)
         self._zero_grads()
         return loss_value
 
@@ -541,16 +548,17 @@ class Sampler:
                     p.grad = torch.zeros_like(p)
         return [p.grad for p in self.params if p.grad is not None]
 
-    def _posterior_terms(self, grads: list[Tensor]) -> list[Tensor]:
-        """Add noise and prior to the theta gradients; return lambda's gradient, by piece.
+    def _posterior_terms(self, grads: list[Tensor]) -> None:
+        """Add noise and prior to the theta gradients and step lambda, block by block.
 
         Per block: theta noise, prior, lambda noise, each draw one ``normal_`` of the block's
         size from the sampler's generator (so the stream depends on the blocks, fixed per
-        device type).
+        device type); then the block's lambda takes its step, so that lambda's gradient lives
+        for one block only (and, on the CPU, while it is still in cache). Nothing else reads
+        that block's lambda in this step, so stepping it before theta changes no value.
         """
         grad_pieces = self.layout.pieces(grads)
-        lam_grads: list[Tensor] = []
-        for block in self.blocks:
+        for k, block in enumerate(self.blocks):
             sizes = self.layout.piece_sizes[block]
             noise = torch.empty(sum(sizes), device=self.device, dtype=self.lam_flat.dtype)
             noise_pieces = list(torch.split(noise, sizes))
@@ -562,28 +570,25 @@ class Sampler:
             if self.noise_lam > 0:
                 noise.normal_(generator=self.noise)
                 torch._foreach_add_(lam_grad, noise_pieces, alpha=self.noise_lam)
-            lam_grads += lam_grad
-        return lam_grads
+            self._step_lambda(self.lam_params[block], lam_grad,
+                              self.opt_lams[k] if self.opt_lams else None)
 
-    def _update(self, grads: list[Tensor], lam_grads: list[Tensor] | None) -> None:
+    def _update(self, grads: list[Tensor]) -> None:
         if self.opt_theta is not None:
             self.opt_theta.step()
-            if lam_grads is not None:
-                self._step_lambda(lam_grads)
             return
         params = [p for p in self.params if p.grad is not None]
         torch._foreach_add_(params, grads, alpha=-self.config.lr_theta)
-        if lam_grads is not None:
-            self._step_lambda(lam_grads)
 
-    def _step_lambda(self, lam_grads: list[Tensor]) -> None:
-        if self.opt_lam is None:
-            torch._foreach_add_(self.lam_params, lam_grads, alpha=-self.config.lr_lambda)
+    def _step_lambda(self, lams: list[Tensor], lam_grads: list[Tensor],
+                     optimiser: torch.optim.Optimizer | None) -> None:
+        if optimiser is None:
+            torch._foreach_add_(lams, lam_grads, alpha=-self.config.lr_lambda)
             return
-        for lam, grad in zip(self.lam_params, lam_grads, strict=True):
+        for lam, grad in zip(lams, lam_grads, strict=True):
             lam.grad = grad
-        self.opt_lam.step()
-        for lam in self.lam_params:
+        optimiser.step()
+        for lam in lams:
             lam.grad = None
 
     # --- the per-tensor step: the authors' code, parameter by parameter -----------------------
@@ -605,7 +610,8 @@ class Sampler:
                 if config.sample_rule == "authors":
                     for _ in range(config.samples_at(self.step)):
                         self.record_sample()
-                self._step_lambda(lam_grads)
+                self._step_lambda(self.lam_params, lam_grads,
+                                  self.opt_lams[0] if self.opt_lams else None)
             if self.opt_theta is not None:
                 self.opt_theta.step()
             else:
@@ -751,7 +757,7 @@ class Sampler:
             "theta0": self.theta0_fingerprint(), "model": model, "theta_delta": theta_delta,
             "lam": _rounded(self.lam_flat.detach(), bf16) if self.lambda_moved else None,
             "opt_theta": _optimiser_state(self.opt_theta, bf16),
-            "opt_lam": _optimiser_state(self.opt_lam, bf16),
+            "opt_lam": [_optimiser_state(opt, bf16) for opt in self.opt_lams],
             "schedule": self.schedule.state_dict() if self.schedule else None,
             "length_rule": self.length_rule.state_dict() if self.length_rule else None,
             "stopped": self.stopped,
@@ -795,7 +801,8 @@ class Sampler:
             self.lam_flat.copy_(state["lam"])
         if self.opt_theta is not None:  # torch casts bf16 moments back to the parameters' dtype
             self.opt_theta.load_state_dict(state["opt_theta"])
-            self.opt_lam.load_state_dict(state["opt_lam"])
+        for opt, saved in zip(self.opt_lams, state["opt_lam"], strict=True):
+            opt.load_state_dict(saved)
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
         if self.length_rule is not None:
@@ -875,7 +882,8 @@ def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: P
         raise files.FileFormatError(f"{path}: written from other starting weights theta0 "
                                     "(another model file or seed); resume with the --model and "
                                     f"--seed that wrote it, or {fix}")
-    if state["pieces"] != sampler.layout.piece_sizes:  # lambda's optimiser state is by piece
+    if (state["pieces"] != sampler.layout.piece_sizes  # lambda's optimiser state is by piece
+            or len(state["opt_lam"]) != len(sampler.opt_lams)):  # and by block
         raise SamplerConfigError(f"{path} was written on another device type (cpu vs cuda); "
                                  f"resume it on the same kind of device, or {fix}")
     if sampler.schedule is not None and state["steps_per_epoch"] != sampler.steps_per_epoch:
