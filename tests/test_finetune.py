@@ -260,6 +260,11 @@ def test_bench_smoke_in_process(tmp_path) -> None:
     assert result["stage2_n_trainable"] == int(0.005 * result["n_params"])
     assert 0 < result["delta_scalars"] <= result["stage2_n_trainable"]
     assert result["delta_bytes"] < result["full_state_bytes"]
+    # the floor: 28 bytes per sampled scalar over the measured bandwidth
+    assert result["stage1_extra_bytes"] == 28 * result["stage1_n_trainable"]
+    assert result["stage1_floor_seconds"] == pytest.approx(
+        result["stage1_extra_bytes"] / result["bandwidth_bytes_per_s"])
+    assert 1 < result["stage1_floor_step_ratio"]
     print_table(result)
 
 
