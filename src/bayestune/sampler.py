@@ -36,7 +36,7 @@ import hashlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -530,7 +530,8 @@ class Sampler:
             if self.config.grad_clip > 0:  # the data gradient only, as the reference
                 nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
             if sgld:
-                self._posterior_terms(grads)
+                with _one_thread_on_cpu(self.device):
+                    self._posterior_terms(grads)
             self._update(grads)
         self._zero_grads()
         return loss_value
@@ -851,6 +852,24 @@ def _optimiser_state(opt: torch.optim.Optimizer | None, bf16: bool) -> dict[str,
                   if torch.is_tensor(v) else v for name, v in per_param.items()}
             for key, per_param in state["state"].items()}
     return state
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the block loop on one thread. Each block's op is a few tens of
+    microseconds of cache-resident work, and the noise draw is serial anyway: a second thread
+    saves little, while on a busy machine every one of the loop's thousands of parallel
+    regions waits for a descheduled thread (seconds per step). Elementwise ops give the same
+    bits on any number of threads."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _resume_key(config: SamplerConfig) -> dict[str, Any]:

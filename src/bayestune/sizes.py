@@ -37,6 +37,18 @@ VISION_CLASSES = 100         # heads differ per task by a few thousand scalars a
 PREPARED_FIELDS = 3          # token ids, attention mask and token types (int32) per position
 
 
+def checkpoint_models(sampler: Mapping) -> float:
+    """Model sizes of the largest sampler checkpoint, for a config's sampler section."""
+    bf16 = sampler.get("checkpoint_precision") == "bf16"
+    models = CHECKPOINT_MODELS_BF16 if bf16 else CHECKPOINT_MODELS
+    return models + (0.5 if bf16 else 1) * bool(sampler.get("variance"))
+
+
+def running_stats_models(sampler: Mapping) -> int:
+    """Model sizes of the running statistics' scratch file (M2 only with `variance`)."""
+    return RUNNING_STATS_MODELS + bool(sampler.get("variance"))
+
+
 def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping]) -> tuple[Shapes,
                                                                                           str]:
     """Parameter shapes of ``model_name`` with a task head, and where they came from.
