@@ -207,10 +207,17 @@ def test_gpu_layout_gives_the_cpu_answer_without_noise(monkeypatch):
     monkeypatch.setattr(sampler_module, "CPU_BLOCK", 16)
     pieces = run(config)
     monkeypatch.setattr(sampler_module, "CPU_PIECE", None)
-    monkeypatch.setattr(sampler_module, "CPU_BLOCK", None)
-    whole = run(config)
-    for name in pieces.mean:
-        torch.testing.assert_close(whole.mean[name], pieces.mean[name], rtol=1e-5, atol=0)
+    for block in (None, 40):  # whole tensors in one block; in several, each lambda's own Adam
+        monkeypatch.setattr(sampler_module, "CPU_BLOCK", block)
+        whole = run(config)
+        for name in pieces.mean:
+            torch.testing.assert_close(whole.mean[name], pieces.mean[name], rtol=1e-5, atol=0)
+
+
+def test_block_loop_leaves_the_thread_count_as_it_found_it():
+    threads = torch.get_num_threads()
+    run(small_config(steps=12, burnin_steps=10))
+    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("variant", ["adamw", "sgld"])
