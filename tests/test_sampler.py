@@ -663,7 +663,8 @@ def _killed_checkpoint(config, path, killed_at, net=wide_net):
     data = tiny_data()
     with pytest.raises(Killed):
         sample_scales(net(), killed_after(data.train_epoch, killed_at), ce_loss, config,
-                      seed=3, device="cpu", checkpoint_path=path, progress=False)
+                      seed=3, device="cpu", checkpoint_path=path, progress=False,
+                      steps_per_epoch=5)
     return path
 
 
@@ -718,3 +719,15 @@ def test_old_or_foreign_checkpoints_are_refused(tmp_path):
     files.save_checkpoint(path, {**state, "version": 3})
     with pytest.raises(files.FileFormatError, match="version 3, written by an older"):
         run(small_config(), checkpoint_path=path)
+
+
+@pytest.mark.parametrize("preset", ["cold", "reference"])
+def test_bf16_checkpoint_resumes_every_preset(tmp_path, preset):
+    config = small_config(preset, checkpoint_precision="bf16")
+    path = _killed_checkpoint(config, tmp_path / "ckpt.pt", 25, net=tiny_net)
+    moments = files.load_checkpoint(path)["opt_theta"]["state"].values()
+    assert all(m["exp_avg"].dtype == torch.bfloat16 for m in moments)
+    whole, resumed = run(config), run(config, checkpoint_path=path)
+    assert resumed.n_samples == whole.n_samples
+    for name in whole.mean:
+        torch.testing.assert_close(resumed.mean[name], whole.mean[name], rtol=0.1, atol=1e-6)
