@@ -260,6 +260,11 @@ def test_bench_smoke_in_process(tmp_path) -> None:
     assert result["stage2_n_trainable"] == int(0.005 * result["n_params"])
     assert 0 < result["delta_scalars"] <= result["stage2_n_trainable"]
     assert result["delta_bytes"] < result["full_state_bytes"]
+    # the floor: 28 bytes per sampled scalar over the measured bandwidth
+    assert result["stage1_extra_bytes"] == 28 * result["stage1_n_trainable"]
+    assert result["stage1_floor_seconds"] == pytest.approx(
+        result["stage1_extra_bytes"] / result["bandwidth_bytes_per_s"])
+    assert 1 < result["stage1_floor_step_ratio"]
     print_table(result)
 
 
@@ -267,3 +272,47 @@ def json_roundtrip(record: dict) -> dict:
     import json
 
     return json.loads(json.dumps(record))
+
+
+def _finetune_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bayestune.finetune"]
+
+
+def test_log_lines_every_n_steps_with_lr_and_validation(caplog) -> None:
+    caplog.set_level("INFO", logger="bayestune.finetune")
+    config = FinetuneConfig(lr=1e-2, max_steps=8, eval_every=4, patience=5, warmup_ratio=0.0)
+    result = finetune(tiny_model(), tiny_data(), SPEC, config, mask=None, seed=0,
+                      device="cpu", progress=False, log_every=3)
+    lines = _finetune_lines(caplog)
+    assert [line.split(":")[0] for line in lines] == [
+        f"finetune tiny step {s}/8" for s in (3, 4, 6, 8)]
+    # linear decay from 1e-2 to 0 at step 8, no warm-up
+    assert [line.split("lr ")[1].split(",")[0] for line in lines] == [
+        "0.00625", "0.005", "0.0025", "0"]
+    scores = [float(line.split("validation ")[1].split()[0]) for line in lines[1::2]]
+    assert "validation" not in lines[0] + lines[2]
+    assert scores == pytest.approx([h[2] for h in result.history], abs=1e-4)
+
+
+def test_reference_schedule_logs_its_last_validation(caplog) -> None:
+    caplog.set_level("INFO", logger="bayestune.finetune")
+    config = FinetuneConfig(schedule="reference", lr=1e-2, max_steps=7, epochs=100,
+                            eval_every=3, patience=5)
+    finetune(tiny_model(), tiny_data(), SPEC, config, mask=random_mask(tiny_model(), 0.2),
+             seed=0, device="cpu", progress=False, log_every=100)
+    lines = _finetune_lines(caplog)
+    # jiant validates after steps 2 and 5, and once more at the end (step 7)
+    assert [line.split(":")[0] for line in lines] == [
+        f"finetune tiny step {s}/7" for s in (2, 5, 7)]
+    assert all("validation" in line for line in lines)
+
+
+def test_log_every_comes_from_the_flag_the_environment_or_the_default(monkeypatch) -> None:
+    from bayestune.cli import LOG_EVERY, build_parser
+
+    command = ["prepare", "--task", "rte", "--model", "m", "--out-dir", "out"]
+    monkeypatch.delenv("BAYESTUNE_LOG_EVERY", raising=False)
+    assert build_parser().parse_args(command).log_every == LOG_EVERY
+    monkeypatch.setenv("BAYESTUNE_LOG_EVERY", "7")  # what the workflow's config key sets
+    assert build_parser().parse_args(command).log_every == 7
+    assert build_parser().parse_args(["--log-every", "0", *command]).log_every == 0

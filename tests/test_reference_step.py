@@ -165,7 +165,7 @@ def test_reference_preset_is_the_authors_step_for_step(dtype, rtol):
         draws[(sampler.step, kind, index)] = xi
         return xi
 
-    config = reference_config()
+    config = reference_config(variance=True)
     sampler = Sampler(model, loss_fn, config, seed=0, device=torch.device("cpu"),
                       steps_per_epoch=STEPS_PER_EPOCH, noise_fn=noise_fn)
     data = batches(dtype)

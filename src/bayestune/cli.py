@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from bayestune.sampler import SamplerConfig
 
 log = logging.getLogger("bayestune")
+LOG_EVERY = 100  # steps between the log lines of sample and finetune jobs
 Config = TypeVar("Config")
 
 
@@ -132,7 +133,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
                            device=args.device, checkpoint_path=args.checkpoint,
                            progress=not args.quiet, steps_per_epoch=len(data.train),
-                           validate=validate)
+                           validate=validate, log_every=args.log_every)
     _check_scales(args, config, result.mean, largest_weight)
     run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
     write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
@@ -313,7 +314,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             log.info("%s candidate %d/%d: %s", args.task, number + 1, len(candidates),
                      describe(candidate))
         result = finetune(trained, data, spec, config, mask=mask, seed=args.seed,
-                          device=args.device, progress=not args.quiet, score_test=False)
+                          device=args.device, progress=not args.quiet, score_test=False,
+                          log_every=args.log_every)
         tried.append({"candidate": candidate, "config": config, "result": result,
                       "mask": mask, "mask_meta": mask_meta})
         if choose([t["result"].val_score for t in tried]) == number:
@@ -530,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true",
                         default=os.environ.get("BAYESTUNE_QUIET", "") not in ("", "0"),
                         help="no progress bars (default from $BAYESTUNE_QUIET)")
+    parser.add_argument("--log-every", type=int, metavar="N",
+                        default=int(os.environ.get("BAYESTUNE_LOG_EVERY") or LOG_EVERY),
+                        help="sample and finetune log a line (step, loss, ...) every N steps "
+                             f"and at each validation; 0: none (default from "
+                             f"$BAYESTUNE_LOG_EVERY, else {LOG_EVERY})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read, check and tokenise a task's splits")

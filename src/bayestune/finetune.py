@@ -24,6 +24,7 @@ them), and the reported validation score is that step's score on the whole split
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from bayestune.errors import ConfigError, DataError
@@ -41,6 +43,8 @@ from bayestune.optim import LengthRule, TransformersAdamW, jiant_schedule, no_de
 from bayestune.tasks.base import TaskData, TaskSpec, evaluate, val_scorer
 
 SCHEDULES = ("linear", "reference")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -303,12 +307,15 @@ def finetune(
     device: str = "auto",
     progress: bool = True,
     score_test: bool = True,
+    log_every: int = 0,
 ) -> FinetuneResult:
     """Train, keep the best validation step, restore it and score it on test.
 
     The model is left holding the best parameters; frozen scalars are never written. Without
     ``score_test`` the test split is not touched (``test_score`` is NaN): a candidate that
-    selection may not choose must not see it.
+    selection may not choose must not see it. ``log_every`` > 0 logs a line (step, mean loss
+    since the last line, learning rate, the validation score when one was taken) every this
+    many steps, after each validation and at the end.
     """
     torch.manual_seed(seed)  # dropout masks
     start = time.perf_counter()
@@ -321,8 +328,9 @@ def finetune(
     rule = LengthRule(config.min_steps, config.patience, config.eval_every)
     history: list[tuple[int, float, float]] = []
     best_state, step, losses = None, 0, []
+    logged: list[float] = []  # losses since the last log line
 
-    def validate() -> None:
+    def validate() -> float:
         nonlocal best_state, losses
         val = score(model)
         history.append((step, sum(losses) / max(len(losses), 1), val))
@@ -330,21 +338,40 @@ def finetune(
         losses = []
         if rule.record(val, step):
             best_state = updater.snapshot()
+        return val
+
+    def log_line(val: float | None) -> None:
+        nonlocal logged
+        lr = updater.optimizer.param_groups[0]["lr"]
+        line = (f"finetune {spec.name} step {step}/{limit}: loss "
+                f"{sum(logged) / max(len(logged), 1):.4f}, lr {lr:.3g}")
+        if val is not None:
+            best = " (best)" if rule.best_step == step else ""
+            line += f", validation {val:.4f}{best}"
+        log.info("%s", line)
+        logged = []
 
     bar = tqdm(total=limit, desc=f"finetune {spec.name}", disable=not progress)
-    for batch in _train_batches(data):
-        losses.append(train_step(model, batch, updater, scheduler, config, dev))
-        step += 1
-        bar.update(1)
-        # jiant validates when step + 1 is a multiple of eval_every, and once more at the end
-        due = rule.due(step) if reference else (step % config.eval_every == 0
-                                                or step == limit)
-        if due:
-            validate()
-        if step >= limit or rule.should_stop(step):
-            break
-    if reference and (not history or history[-1][0] != step):
-        validate()
+    lines_above = logging_redirect_tqdm() if progress else nullcontext()
+    with lines_above:
+        for batch in _train_batches(data):
+            loss = train_step(model, batch, updater, scheduler, config, dev)
+            losses.append(loss)
+            logged.append(loss)
+            step += 1
+            bar.update(1)
+            # jiant validates when step + 1 is a multiple of eval_every, and once more at the end
+            due = rule.due(step) if reference else (step % config.eval_every == 0
+                                                    or step == limit)
+            val = validate() if due else None
+            if log_every and (val is not None or step % log_every == 0):
+                log_line(val)
+            if step >= limit or rule.should_stop(step):
+                break
+        final = (validate() if reference and (not history or history[-1][0] != step)
+                 else None)
+        if log_every and (logged or final is not None):  # the steps since the last line
+            log_line(final)
     bar.close()
     updater.restore(best_state)
     updater.close()

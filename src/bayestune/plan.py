@@ -392,8 +392,8 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     return Plan(configfile=configfile, device=device, model=config["model"], n_scalars=n_scalars,
                 job_counts=counts, jobs=jobs, notes=notes, dvc_stage=stage,
                 uncached_outs=[out for out, cached in outs if not cached],
-                checkpoint_bytes=sizes.CHECKPOINT_MODELS * model,
-                running_stats_bytes=sizes.RUNNING_STATS_MODELS * model,
+                checkpoint_bytes=int(sizes.checkpoint_models(config.get("sampler") or {}) * model),
+                running_stats_bytes=sizes.running_stats_models(config.get("sampler") or {}) * model,
                 jobs_per_gpu=int(config.get("jobs_per_gpu", 1)))
 
 

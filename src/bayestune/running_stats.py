@@ -1,8 +1,9 @@
-"""Welford running mean and M2 of the lambda samples, kept out of process memory off the GPU.
+"""Welford running mean (and M2) of the lambda samples, kept out of process memory off the GPU.
 
-The statistics are as large as the model twice over; on the CPU they would add about a third
-to stage 1's peak memory, so they live in an unnamed scratch file updated block by block with
-explicit reads and writes (mmap'd pages would count as resident again).
+The statistics are as large as the model (twice over with M2, which only the variance needs);
+on the CPU they would add to stage 1's peak memory, so they live in an unnamed scratch file
+updated block by block with explicit reads and writes (mmap'd pages would count as resident
+again).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ STATS_BLOCK = 1 << 16  # scalars per block of the update (and its I/O)
 
 
 class RunningStats:
-    """Welford's running mean and M2 (float32, flat) of the lambda samples.
+    """Welford's running mean and, with ``variance``, M2 (float32, flat) of the lambda samples.
 
     Off the GPU they sit in an anonymous scratch file, not in memory: the sampler already holds
     ~6x the model besides what plain fine-tuning holds, the statistics would add 2x more, and
@@ -35,10 +36,13 @@ class RunningStats:
 
     REGIONS = ("running_mean", "running_m2")  # also the names of the checkpoint attachments
 
-    def __init__(self, numel: int, *, in_memory: bool, directory: Path | None = None) -> None:
+    def __init__(self, numel: int, *, in_memory: bool, directory: Path | None = None,
+                 variance: bool = True) -> None:
         self.numel, self.count = numel, 0
-        self.memory = torch.zeros(2, numel, dtype=torch.float32) if in_memory else None
-        self.file = None if in_memory else _scratch_file(8 * numel, directory)
+        self.regions = self.REGIONS[:2 if variance else 1]
+        rows = len(self.regions)
+        self.memory = torch.zeros(rows, numel, dtype=torch.float32) if in_memory else None
+        self.file = None if in_memory else _scratch_file(4 * rows * numel, directory)
 
     def close(self) -> None:
         if self.file is not None:
@@ -63,17 +67,21 @@ class RunningStats:
     def add(self, sample: Callable[[int, int], Tensor]) -> None:
         """Add one sample; ``sample(start, stop)`` gives its float32 CPU values there."""
         self.count += 1
-        buffer = torch.empty(2, min(STATS_BLOCK, self.numel), dtype=torch.float32)
+        variance = len(self.regions) == 2
+        buffer = torch.empty(len(self.regions), min(STATS_BLOCK, self.numel),
+                             dtype=torch.float32)
         for start, stop in self._spans():
             x = sample(start, stop)
             mean = self._read(0, start, buffer[0, :stop - start])
-            m2 = self._read(1, start, buffer[1, :stop - start])
             delta = x - mean
             mean.add_(delta, alpha=1.0 / self.count)
-            m2.addcmul_(delta, x.sub_(mean))
+            if variance:
+                m2 = self._read(1, start, buffer[1, :stop - start])
+                m2.addcmul_(delta, x.sub_(mean))
             if self.memory is None:
                 self._write(0, start, mean)
-                self._write(1, start, m2)
+                if variance:
+                    self._write(1, start, m2)
 
     def region(self, region: int) -> Tensor:
         """A new tensor with the whole region (the final result needs it once)."""
@@ -85,23 +93,28 @@ class RunningStats:
                 view.copy_(got)
         return out
 
-    def writer(self, region: int) -> Callable[[BinaryIO], None]:
-        """Streams the region's raw bytes to a binary file, block by block."""
+    def writer(self, region: int, dtype: torch.dtype = torch.float32
+               ) -> Callable[[BinaryIO], None]:
+        """Streams the region's raw bytes (as ``dtype``) to a binary file, block by block."""
         def write(out: BinaryIO) -> None:
             buffer = torch.empty(min(STATS_BLOCK, self.numel), dtype=torch.float32)
             for start, stop in self._spans():
-                out.write(_bytes(self._read(region, start, buffer[:stop - start])))
+                values = self._read(region, start, buffer[:stop - start])
+                out.write(_bytes(values.to(dtype).view(torch.int16) if dtype != torch.float32
+                                 else values))
         return write
 
-    def load(self, region: int, stream: BinaryIO, where: Path) -> None:
-        """Fill the region from the raw bytes that :meth:`writer` wrote."""
-        buffer = torch.empty(min(STATS_BLOCK, self.numel), dtype=torch.float32)
+    def load(self, region: int, stream: BinaryIO, where: Path,
+             dtype: torch.dtype = torch.float32) -> None:
+        """Fill the region from the raw bytes that :meth:`writer` wrote as ``dtype``."""
+        buffer = torch.empty(min(STATS_BLOCK, self.numel), dtype=dtype)
         for start, stop in self._spans():
             chunk = buffer[:stop - start]
-            if _readinto_exact(stream, _bytes(chunk)) < 4 * chunk.numel():
+            raw = chunk.view(torch.int16) if dtype != torch.float32 else chunk
+            if _readinto_exact(stream, _bytes(raw)) < chunk.element_size() * chunk.numel():
                 raise files.FileFormatError(f"{where}: {self.REGIONS[region]} is shorter than "
                                             "the model; delete the checkpoint to start over")
-            self._write(region, start, chunk)
+            self._write(region, start, chunk.float())
         if stream.read(1):
             raise files.FileFormatError(f"{where}: {self.REGIONS[region]} is longer than the "
                                         "model; delete the checkpoint to start over")

@@ -8,9 +8,10 @@ Phases, in optimiser steps s = 0, 1, ... (docs/ALGORITHM.md):
   (theta) and Adam (lambda), ``"hf-adamw"`` to the authors' transformers AdamW instead,
   ``"sgld"`` takes a plain step ``x <- x - eta * grad``.
 * ``s >= burnin_steps`` and ``(s - burnin_steps) % thinning == 0``: after the update,
-  max(lambda, floor) enters a running mean and variance (Welford, each sample once; off the
-  GPU they live in a scratch file, see :class:`RunningStats`). ``sample_rule="authors"``
-  counts as the authors' code does instead (see :class:`SamplerConfig`).
+  max(lambda, floor) enters a running mean (and M2 with ``variance``; Welford, each sample
+  once; off the GPU they live in a scratch file, see :class:`RunningStats`).
+  ``sample_rule="authors"`` counts as the authors' code does instead (see
+  :class:`SamplerConfig`).
 
 Named presets (:data:`PRESETS`, :func:`sampler_config`) bundle the settings: ``exact`` (the
 maths above with constant rates), ``cold`` (no noise, for short chains) and ``reference`` (the
@@ -31,10 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,6 +44,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bayestune import files
 from bayestune.errors import ConfigError, DataError, RunFailedError
@@ -63,11 +66,18 @@ SCHEDULES = ("constant", "jiant")
 SAMPLE_RULES = ("after-update", "authors")
 NO_GRAD_RULES = ("prior", "skip")
 # On the CPU the update runs block by block over pieces of the parameters, so that a block's
-# arrays stay in cache through all the ops; a GPU takes whole tensors in one multi-tensor op.
+# arrays stay in cache through all the ops; a GPU takes whole tensors, in blocks that bound the
+# temporaries (noise, lambda's gradient) to a block's size instead of the model's.
 CPU_PIECE, CPU_BLOCK = 1 << 16, 1 << 17
-CHECKPOINT_VERSION = 3  # 3: schedule, length rule and steps per epoch in the state
+GPU_BLOCK = 1 << 25
+# Entries of lambda the logged quantiles are read from (see Sampler.lambda_summary).
+LOG_QUANTILE_ENTRIES = 1 << 20
+# 4: theta0 by fingerprint, not by value; lambda only once it moved; M2 only with variance;
+# optionally bf16 state
+CHECKPOINT_VERSION = 4
+CHECKPOINT_PRECISIONS = ("fp32", "bf16")
 # Fields that do not change the samples: a checkpoint may be resumed with other values.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "checkpoint_precision")
 
 # What each preset changes from the dataclass defaults (which are ``exact``). ``reference``
 # spells out every value of the authors' MRPC command, so that it does not move when a default
@@ -178,6 +188,16 @@ class SamplerConfig:
         "help": "max norm of the data-loss gradient, clipped before prior and noise (0 = off)"})
     checkpoint_every: int = field(default=200, metadata={
         "help": "steps between checkpoints when a checkpoint path is given (0 = only at the end)"})
+    checkpoint_precision: str = field(default="fp32", metadata={
+        "help": "fp32: a resumed run is bit-identical to an uninterrupted one (checkpoint up to "
+                "7x the model); bf16: theta's change from theta0, lambda, the optimiser "
+                "moments and the running mean rounded to bf16 (up to 3.5x the model; the "
+                "resumed chain differs by that rounding)",
+        **_choices(*CHECKPOINT_PRECISIONS)})
+    variance: bool = field(default=False, metadata={
+        "help": "also keep lambda's running M2 for the posterior variance (one more "
+                "model-sized buffer in the statistics and the checkpoint; the scale file "
+                "stores only the mean)"})
     autocast: bool = field(default=False, metadata={
         "help": "bf16 autocast of the forward pass on CUDA (ignored on the CPU)"})
 
@@ -189,7 +209,8 @@ class SamplerConfig:
         for name, allowed in (("preset", tuple(PRESETS)), ("variant", VARIANTS),
                               ("schedule", SCHEDULES), ("sample_rule", SAMPLE_RULES),
                               ("no_grad_params", NO_GRAD_RULES),
-                              ("floor_gradient", FLOOR_GRADIENTS)):
+                              ("floor_gradient", FLOOR_GRADIENTS),
+                              ("checkpoint_precision", CHECKPOINT_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of "
                                 f"{', '.join(allowed)}")
@@ -313,7 +334,8 @@ def preset_overrides(config: SamplerConfig) -> list[str]:
 @dataclass
 class ScaleResult:
     mean: dict[str, Tensor]   # posterior mean of max(lambda, floor), per parameter tensor
-    var: dict[str, Tensor]    # unbiased sample variance (zeros with a single sample)
+    var: dict[str, Tensor] | None  # unbiased sample variance (zeros with a single sample);
+    #                                 None unless the config asked for the variance
     n_samples: int
     steps: int
     steps_per_epoch: int | None = None   # the schedule's, when one was given
@@ -386,11 +408,11 @@ class Sampler:
             self.theta0_pieces = self.layout.flat_pieces(self.theta0_flat)
             self.lam_params = [v.requires_grad_() for v in
                                self.layout.flat_pieces(self.lam_flat)]
-            self.blocks = self.layout.groups(CPU_BLOCK if on_cpu else None)
+            self.blocks = self.layout.groups(CPU_BLOCK if on_cpu else GPU_BLOCK)
         else:
             self.theta0s = self.layout.views(self.theta0_flat)
             self.lam_params = [v.requires_grad_() for v in self.lams]
-        self.opt_theta, self.opt_lam = self._optimisers()
+        self.opt_theta, self.opt_lams = self._optimisers()
         self.schedule = (jiant_schedule(self.opt_theta, epochs=config.schedule_epochs,
                                         steps_per_epoch=steps_per_epoch,
                                         warmup_ratio=config.schedule_warmup)
@@ -410,6 +432,7 @@ class Sampler:
         self.stopped = False  # by the length rule
         self.scratch_dir = scratch_dir  # where the running statistics' scratch file goes
         self.stats: RunningStats | None = None  # made by the first sample
+        self._theta0_fingerprint: str | None = None
 
     @property
     def limit(self) -> int | None:
@@ -431,20 +454,24 @@ class Sampler:
 
     def _new_stats(self) -> RunningStats:
         return RunningStats(self.layout.numel, in_memory=self.device.type == "cuda",
-                            directory=self.scratch_dir)
+                            directory=self.scratch_dir, variance=self.config.variance)
 
     def close(self) -> None:
         """Drop the scratch file of the running statistics (also done when collected)."""
         if self.stats is not None:
             self.stats.close()
 
-    def _optimisers(self) -> tuple[torch.optim.Optimizer | None, torch.optim.Optimizer | None]:
+    def _optimisers(self) -> tuple[torch.optim.Optimizer | None, list[torch.optim.Optimizer]]:
+        """theta's optimiser and lambda's: one Adam per block in the fused step (each block's
+        lambda is stepped as soon as its gradient is formed), one in all per tensor."""
         config = self.config
         if config.variant == "sgld":
-            return None, None
+            return None, []
         fast = ({"fused": True} if self.device.type in ("cpu", "cuda")
                 else {"foreach": True})
-        lam = torch.optim.Adam(self.lam_params, lr=config.lr_lambda, **fast)
+        blocks = ([self.lam_params[block] for block in self.blocks] if self.fused
+                  else [self.lam_params])
+        lam = [torch.optim.Adam(block, lr=config.lr_lambda, **fast) for block in blocks]
         if config.variant == "adamw":
             theta = torch.optim.AdamW(self.params, lr=config.lr_theta,
                                       weight_decay=config.weight_decay, **fast)
@@ -502,8 +529,10 @@ class Sampler:
             grads = self._grads(fill_missing=sgld)
             if self.config.grad_clip > 0:  # the data gradient only, as the reference
                 nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-            lam_grads = self._posterior_terms(grads) if sgld else None
-            self._update(grads, lam_grads)
+            if sgld:
+                with _one_thread_on_cpu(self.device):
+                    self._posterior_terms(grads)
+            self._update(grads)
         self._zero_grads()
         return loss_value
 
@@ -520,16 +549,17 @@ class Sampler:
                     p.grad = torch.zeros_like(p)
         return [p.grad for p in self.params if p.grad is not None]
 
-    def _posterior_terms(self, grads: list[Tensor]) -> list[Tensor]:
-        """Add noise and prior to the theta gradients; return lambda's gradient, by piece.
+    def _posterior_terms(self, grads: list[Tensor]) -> None:
+        """Add noise and prior to the theta gradients and step lambda, block by block.
 
         Per block: theta noise, prior, lambda noise, each draw one ``normal_`` of the block's
         size from the sampler's generator (so the stream depends on the blocks, fixed per
-        device type).
+        device type); then the block's lambda takes its step, so that lambda's gradient lives
+        for one block only (and, on the CPU, while it is still in cache). Nothing else reads
+        that block's lambda in this step, so stepping it before theta changes no value.
         """
         grad_pieces = self.layout.pieces(grads)
-        lam_grads: list[Tensor] = []
-        for block in self.blocks:
+        for k, block in enumerate(self.blocks):
             sizes = self.layout.piece_sizes[block]
             noise = torch.empty(sum(sizes), device=self.device, dtype=self.lam_flat.dtype)
             noise_pieces = list(torch.split(noise, sizes))
@@ -541,28 +571,25 @@ class Sampler:
             if self.noise_lam > 0:
                 noise.normal_(generator=self.noise)
                 torch._foreach_add_(lam_grad, noise_pieces, alpha=self.noise_lam)
-            lam_grads += lam_grad
-        return lam_grads
+            self._step_lambda(self.lam_params[block], lam_grad,
+                              self.opt_lams[k] if self.opt_lams else None)
 
-    def _update(self, grads: list[Tensor], lam_grads: list[Tensor] | None) -> None:
+    def _update(self, grads: list[Tensor]) -> None:
         if self.opt_theta is not None:
             self.opt_theta.step()
-            if lam_grads is not None:
-                self._step_lambda(lam_grads)
             return
         params = [p for p in self.params if p.grad is not None]
         torch._foreach_add_(params, grads, alpha=-self.config.lr_theta)
-        if lam_grads is not None:
-            self._step_lambda(lam_grads)
 
-    def _step_lambda(self, lam_grads: list[Tensor]) -> None:
-        if self.opt_lam is None:
-            torch._foreach_add_(self.lam_params, lam_grads, alpha=-self.config.lr_lambda)
+    def _step_lambda(self, lams: list[Tensor], lam_grads: list[Tensor],
+                     optimiser: torch.optim.Optimizer | None) -> None:
+        if optimiser is None:
+            torch._foreach_add_(lams, lam_grads, alpha=-self.config.lr_lambda)
             return
-        for lam, grad in zip(self.lam_params, lam_grads, strict=True):
+        for lam, grad in zip(lams, lam_grads, strict=True):
             lam.grad = grad
-        self.opt_lam.step()
-        for lam in self.lam_params:
+        optimiser.step()
+        for lam in lams:
             lam.grad = None
 
     # --- the per-tensor step: the authors' code, parameter by parameter -----------------------
@@ -584,7 +611,8 @@ class Sampler:
                 if config.sample_rule == "authors":
                     for _ in range(config.samples_at(self.step)):
                         self.record_sample()
-                self._step_lambda(lam_grads)
+                self._step_lambda(self.lam_params, lam_grads,
+                                  self.opt_lams[0] if self.opt_lams else None)
             if self.opt_theta is not None:
                 self.opt_theta.step()
             else:
@@ -615,28 +643,43 @@ class Sampler:
         return lam_grads
 
     # --- the length rule ----------------------------------------------------------------------
-    def check_length(self, validate: Callable[[nn.Module], float] | None) -> None:
-        """After a step: validate when the length rule wants a score, and stop when it says.
-        The validation runs on a fork of the global RNG, so that it cannot shift the dropout
-        masks of later steps."""
+    def check_length(self, validate: Callable[[nn.Module], float] | None) -> float | None:
+        """After a step: validate when the length rule wants a score, and stop when it says;
+        the score when one was taken. The validation runs on a fork of the global RNG, so
+        that it cannot shift the dropout masks of later steps."""
         rule = self.length_rule
         if rule is None:
-            return
+            return None
+        score = None
         if rule.due(self.step):
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 score = float(validate(self.model))
             self.model.train()
-            best = rule.record(score, self.step)
-            log.info("stage 1 step %d: validation %.4f%s (%d without improvement)", self.step,
-                     score, " (best)" if best else "", rule.since_best)
+            rule.record(score, self.step)
         self.stopped = rule.should_stop(self.step)
+        return score
+
+    @torch.no_grad()
+    def lambda_summary(self) -> dict[str, float]:
+        """Median, 99th percentile and maximum of max(lambda, floor), and the fraction of
+        lambda at or below the floor. The quantiles are read from an evenly strided subset of
+        at most ``LOG_QUANTILE_ENTRIES`` entries (all of them in a small model): a sort of the
+        whole buffer would cost seconds per log line at RoBERTa's size. Max and fraction are
+        exact."""
+        lam = self.lam_flat.detach()
+        stride = -(-lam.numel() // LOG_QUANTILE_ENTRIES)
+        subset = self.prior.scale(lam[::stride]).float()
+        median, p99 = torch.quantile(subset, torch.tensor([0.5, 0.99], device=lam.device))
+        at_floor = int((lam <= self.prior.floor).sum()) / lam.numel()
+        return {"median": float(median), "p99": float(p99),
+                "max": float(self.prior.scale(lam.max())), "at_floor": at_floor}
 
 
     # --- samples and checks -------------------------------------------------------------------
     @torch.no_grad()
     def record_sample(self) -> None:
-        """Welford update of the running mean and M2 with max(lambda, floor), block by block
+        """Welford update of the running mean (and M2) with max(lambda, floor), block by block
         so that no full-size temporary is made."""
         if self.stats is None:
             self.stats = self._new_stats()
@@ -669,43 +712,80 @@ class Sampler:
             raise RuntimeError(f"step {self.step}: no lambda sample recorded yet (samples start "
                                f"at burnin_steps={self.config.burnin_steps})")
         mean = self._named(self.stats.region(0))
-        var = self.stats.region(1)
-        var = var.div_(self.count - 1) if self.count > 1 else var.zero_()
+        var = None
+        if self.config.variance:
+            m2 = self.stats.region(1)
+            var = self._named(m2.div_(self.count - 1) if self.count > 1 else m2.zero_())
         best = self.length_rule.best if self.length_rule is not None else None
-        return ScaleResult(mean=mean, var=self._named(var), n_samples=self.count,
-                           steps=self.step, steps_per_epoch=self.steps_per_epoch, best_val=best)
+        return ScaleResult(mean=mean, var=var, n_samples=self.count, steps=self.step,
+                           steps_per_epoch=self.steps_per_epoch, best_val=best)
 
     def _named(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: v.clone() for n, v in zip(self.names, self.layout.views(flat), strict=True)}
 
     # --- checkpoints ----------------------------------------------------------------------------
+    # In model-sized buffers (fp32 / bf16): the model's weights (1 / 0.5, where bf16 stores
+    # theta - theta0) and theta's two AdamW moments (2 / 1); once SGLD has moved lambda, lambda
+    # and its two Adam moments (3 / 1.5); once samples are recorded, the running mean (1 / 0.5)
+    # and, with `variance`, M2 (1 / 0.5). So at most 7x (fp32) or 3.5x (bf16) the model. theta0
+    # is never stored: the resuming run rebuilds it from the model source and checks it by its
+    # fingerprint. Bit-identical resuming needs every other fp32 value, hence 7x.
+    def theta0_fingerprint(self) -> str:
+        """A hash of theta0's bytes (computed once: theta0 never changes)."""
+        if self._theta0_fingerprint is None:
+            digest = hashlib.blake2b(digest_size=16)
+            for chunk in torch.split(self.theta0_flat.detach(), 1 << 22):
+                digest.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
+            self._theta0_fingerprint = digest.hexdigest()
+        return self._theta0_fingerprint
+
+    @property
+    def lambda_moved(self) -> bool:
+        """Whether an SGLD step has run (before that lambda is lambda_init everywhere)."""
+        return self.step > 0 and self.config.in_sgld(self.step - 1)
+
     def state_dict(self, seed: int) -> dict[str, Any]:
-        """Everything to resume from; "mean" and "m2" name the attachments (see
-        :meth:`attachments`) that hold the running statistics, None before the first sample."""
-        regions = RunningStats.REGIONS if self.stats is not None else (None, None)
+        """Everything to resume from; "stats" names the attachments (see :meth:`attachments`)
+        that hold the running statistics, none before the first sample."""
+        bf16 = self.config.checkpoint_precision == "bf16"
+        model, theta_delta = self._model_state(bf16)
         return {
             "version": CHECKPOINT_VERSION, "seed": seed, "config": _resume_key(self.config),
+            "precision": self.config.checkpoint_precision,
             "names": self.names, "shapes": [list(s) for s in self.shapes],
             "pieces": self.layout.piece_sizes, "steps_per_epoch": self.steps_per_epoch,
             "step": self.step, "epoch": self.epoch, "position": self.position,
-            "model": self.model.state_dict(),
-            "theta0": self.theta0_flat, "lam": self.lam_flat,
-            "opt_theta": self.opt_theta.state_dict() if self.opt_theta else None,
-            "opt_lam": self.opt_lam.state_dict() if self.opt_lam else None,
+            "theta0": self.theta0_fingerprint(), "model": model, "theta_delta": theta_delta,
+            "lam": _rounded(self.lam_flat.detach(), bf16) if self.lambda_moved else None,
+            "opt_theta": _optimiser_state(self.opt_theta, bf16),
+            "opt_lam": [_optimiser_state(opt, bf16) for opt in self.opt_lams],
             "schedule": self.schedule.state_dict() if self.schedule else None,
             "length_rule": self.length_rule.state_dict() if self.length_rule else None,
             "stopped": self.stopped,
-            "count": self.count, "mean": regions[0], "m2": regions[1],
+            "count": self.count, "stats": list(self.stats.regions) if self.stats else [],
             "noise_rng": self.noise.get_state(),
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
+    def _model_state(self, bf16: bool) -> tuple[dict[str, Tensor], list[Tensor] | None]:
+        """The model's state dict; with bf16, its sampled parameters as bf16 changes from
+        theta0 instead (rounding a change, not a weight, keeps the error to that of the
+        change)."""
+        state = self.model.state_dict()
+        if not bf16:
+            return state, None
+        sampled = set(self.names)
+        delta = [(p.detach() - t0).to(torch.bfloat16)
+                 for p, t0 in zip(self.params, self.layout.views(self.theta0_flat), strict=True)]
+        return {k: v for k, v in state.items() if k not in sampled}, delta
+
     def attachments(self) -> dict[str, Callable[[BinaryIO], None]]:
         """Writers of the running statistics, streamed into the checkpoint file."""
         if self.stats is None:
             return {}
-        return {name: self.stats.writer(k) for k, name in enumerate(RunningStats.REGIONS)}
+        dtype = _STORED_DTYPES[self.config.checkpoint_precision]
+        return {name: self.stats.writer(k, dtype) for k, name in enumerate(self.stats.regions)}
 
     def save_checkpoint(self, path: Path, seed: int) -> None:
         files.save_checkpoint(path, self.state_dict(seed), self.attachments())
@@ -715,12 +795,15 @@ class Sampler:
         """Restore everything but torch's global RNG (see :func:`_restore_global_rng`); the
         running statistics come from the attachments of the checkpoint file at ``path``."""
         _check_resumable(state, self, seed, path)
-        self.model.load_state_dict(state["model"])
-        self.theta0_flat.copy_(state["theta0"])
-        self.lam_flat.copy_(state["lam"])
-        if self.opt_theta is not None:
+        self._load_model(state, path)
+        if state["lam"] is None:
+            self.lam_flat.fill_(self.config.lambda_init)
+        else:
+            self.lam_flat.copy_(state["lam"])
+        if self.opt_theta is not None:  # torch casts bf16 moments back to the parameters' dtype
             self.opt_theta.load_state_dict(state["opt_theta"])
-            self.opt_lam.load_state_dict(state["opt_lam"])
+        for opt, saved in zip(self.opt_lams, state["opt_lam"], strict=True):
+            opt.load_state_dict(saved)
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
         if self.length_rule is not None:
@@ -733,9 +816,60 @@ class Sampler:
         if state["count"] > 0:
             self.stats = self._new_stats()
             self.stats.count = state["count"]
-            for k, name in enumerate((state["mean"], state["m2"])):
+            dtype = _STORED_DTYPES[state["precision"]]
+            for k, name in enumerate(state["stats"]):
                 with files.open_checkpoint_attachment(path, name) as stream:
-                    self.stats.load(k, stream, path)
+                    self.stats.load(k, stream, path, dtype)
+
+    def _load_model(self, state: dict[str, Any], path: Path) -> None:
+        if state["theta_delta"] is None:
+            self.model.load_state_dict(state["model"])
+            return
+        missing = self.model.load_state_dict(state["model"], strict=False).missing_keys
+        if not set(missing) <= set(self.names):
+            raise files.FileFormatError(f"{path}: the checkpoint lacks {sorted(missing)[0]}; "
+                                        "delete it to start over")
+        for p, t0, delta in zip(self.params, self.layout.views(self.theta0_flat),
+                                state["theta_delta"], strict=True):
+            p.copy_(t0 + delta.to(p.device, p.dtype))
+
+
+_STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _rounded(t: Tensor, bf16: bool) -> Tensor:
+    return t.to(torch.bfloat16) if bf16 else t
+
+
+def _optimiser_state(opt: torch.optim.Optimizer | None, bf16: bool) -> dict[str, Any] | None:
+    """The optimiser's state dict, its moments in bf16 if asked (steps stay exact)."""
+    if opt is None:
+        return None
+    state = opt.state_dict()
+    if bf16:
+        state["state"] = {
+            key: {name: _rounded(v, v.is_floating_point() and v.dim() > 0)
+                  if torch.is_tensor(v) else v for name, v in per_param.items()}
+            for key, per_param in state["state"].items()}
+    return state
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the block loop on one thread. Each block's op is a few tens of
+    microseconds of cache-resident work, and the noise draw is serial anyway: a second thread
+    saves little, while on a busy machine every one of the loop's thousands of parallel
+    regions waits for a descheduled thread (seconds per step). Elementwise ops give the same
+    bits on any number of threads."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _resume_key(config: SamplerConfig) -> dict[str, Any]:
@@ -744,7 +878,13 @@ def _resume_key(config: SamplerConfig) -> dict[str, Any]:
 
 def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: Path) -> None:
     fix = f"delete {path} to start over, or resume with the settings that wrote it"
-    if state.get("version") != CHECKPOINT_VERSION:
+    version = state.get("version")
+    if isinstance(version, int) and version < CHECKPOINT_VERSION:
+        raise files.FileFormatError(f"{path}: a sampler checkpoint of version {version}, written "
+                                    "by an older bayestune; this one reads version "
+                                    f"{CHECKPOINT_VERSION} (smaller checkpoints): delete it to "
+                                    "start over")
+    if version != CHECKPOINT_VERSION:
         raise files.FileFormatError(f"{path}: not a sampler checkpoint of this version; {fix}")
     if state["seed"] != seed:
         raise SamplerConfigError(f"{path} was written with seed {state['seed']}, not {seed}; "
@@ -757,7 +897,12 @@ def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: P
                                  f"{fix}")
     if state["names"] != sampler.names or state["shapes"] != [list(s) for s in sampler.shapes]:
         raise files.FileFormatError(f"{path}: checkpoint of another model; {fix}")
-    if state["pieces"] != sampler.layout.piece_sizes:  # lambda's optimiser state is by piece
+    if state["theta0"] != sampler.theta0_fingerprint():
+        raise files.FileFormatError(f"{path}: written from other starting weights theta0 "
+                                    "(another model file or seed); resume with the --model and "
+                                    f"--seed that wrote it, or {fix}")
+    if (state["pieces"] != sampler.layout.piece_sizes  # lambda's optimiser state is by piece
+            or len(state["opt_lam"]) != len(sampler.opt_lams)):  # and by block
         raise SamplerConfigError(f"{path} was written on another device type (cpu vs cuda); "
                                  f"resume it on the same kind of device, or {fix}")
     if sampler.schedule is not None and state["steps_per_epoch"] != sampler.steps_per_epoch:
@@ -799,6 +944,7 @@ def sample_scales(
     progress: bool = True,
     steps_per_epoch: int | None = None,
     validate: Callable[[nn.Module], float] | None = None,
+    log_every: int = 0,
 ) -> ScaleResult:
     """Run stage 1 and return the posterior mean (and variance) of the scales lambda.
 
@@ -809,7 +955,9 @@ def sample_scales(
     of the jiant schedule. With ``checkpoint_path``, the whole state is saved every
     ``config.checkpoint_every`` steps and at the end, and an existing checkpoint there is
     resumed from: a resumed run gives the same result as an uninterrupted one. The model is
-    moved to ``device`` and left there, holding the last sample of theta.
+    moved to ``device`` and left there, holding the last sample of theta. ``log_every`` > 0
+    logs a line every this many steps, after each validation and at the end (see
+    :func:`_log_line`).
     """
     config.validate()
     if config.patience > 0 and validate is None:
@@ -822,14 +970,14 @@ def sample_scales(
     sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch,
                       steps_per_epoch=steps_per_epoch)
     try:
-        return _run(sampler, batches, checkpoint_path, seed, progress, validate)
+        return _run(sampler, batches, checkpoint_path, seed, progress, validate, log_every)
     finally:
         sampler.close()
 
 
 def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
          checkpoint_path: Path | None, seed: int, progress: bool,
-         validate: Callable[[nn.Module], float] | None) -> ScaleResult:
+         validate: Callable[[nn.Module], float] | None, log_every: int) -> ScaleResult:
     config, dev = sampler.config, sampler.device
     state = files.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if state is not None:
@@ -837,8 +985,9 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
         log.info("stage 1 resumed from step %d (checkpoint %s)", sampler.step, checkpoint_path)
     else:
         torch.manual_seed(seed)  # dropout
+    losses: list[float] = []  # since the last log line
     with tqdm(total=sampler.limit, initial=sampler.step, disable=not progress,
-              desc="stage 1", dynamic_ncols=True) as bar:
+              desc="stage 1", dynamic_ncols=True) as bar, _lines_above(bar):
         while not sampler.finished:
             epoch_batches = _epoch_iter(batches, sampler)
             if state is not None:
@@ -846,7 +995,12 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
                 state = None
             for batch in epoch_batches:
                 loss_value = sampler.advance(move_batch(batch, dev))
-                sampler.check_length(validate)
+                score = sampler.check_length(validate)
+                losses.append(loss_value)
+                if log_every and (score is not None or sampler.step % log_every == 0
+                                  or sampler.finished):
+                    log.info("%s", _log_line(sampler, losses, score))
+                    losses = []
                 bar.update(1)
                 bar.set_postfix(phase=config.phase(sampler.step - 1), loss=f"{loss_value:.4g}",
                                 refresh=False)
@@ -859,6 +1013,27 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
         log.info("stage 1 stopped by the length rule after %d steps (best validation %.4f at "
                  "step %d)", sampler.step, sampler.length_rule.best, sampler.length_rule.best_step)
     return sampler.result()
+
+
+def _lines_above(bar: tqdm) -> contextlib.AbstractContextManager:
+    """With a progress bar, log lines print above it instead of through it."""
+    return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()
+
+
+def _log_line(sampler: Sampler, losses: Sequence[float], score: float | None) -> str:
+    """One line of a job log: step, phase, mean loss since the last line, lambda's spread and
+    the validation score when the length rule just took one."""
+    config, step = sampler.config, sampler.step
+    total = f"/{sampler.limit}" if sampler.limit is not None else ""
+    lam = sampler.lambda_summary()
+    line = (f"stage 1 step {step}{total} ({config.phase(step - 1)}): loss "
+            f"{sum(losses) / max(len(losses), 1):.4f}, lambda median {lam['median']:.3g} "
+            f"p99 {lam['p99']:.3g} max {lam['max']:.3g}, at floor {lam['at_floor']:.1%}")
+    if score is not None:
+        rule = sampler.length_rule
+        best = " (best)" if rule.best_step == step else ""
+        line += f", validation {score:.4f}{best}, {rule.since_best} without improvement"
+    return line
 
 
 def _epoch_iter(batches: Callable[[int], Iterable[dict]], sampler: Sampler) -> Iterable[dict]:

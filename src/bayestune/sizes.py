@@ -22,16 +22,31 @@ Shapes = dict[str, tuple[int, ...]]
 Counts = dict[str, int]
 
 FLOAT_BYTES = 4              # scale files and deltas hold fp32 values
-# The sampler's checkpoint holds at most three model-sized fp32 buffers (theta, lambda and
-# optimiser state beyond what is rebuilt from the model), and its running mean and M2 of
-# lambda sit in a scratch file of two more while stage 1 runs.
-CHECKPOINT_MODELS = 3
-RUNNING_STATS_MODELS = 2
+# The sampler's checkpoint, in model-sized fp32 buffers once samples are recorded: theta, its
+# two AdamW moments, lambda, its two Adam moments and the running mean (theta0 is rebuilt from
+# the model source). checkpoint_precision bf16 halves all but the non-sampled weights: 3.5.
+# The running mean of lambda sits in a scratch file of one more while stage 1 runs (two with
+# the sampler's `variance`).
+CHECKPOINT_MODELS = 7
+CHECKPOINT_MODELS_BF16 = 3.5
+RUNNING_STATS_MODELS = 1
 SMALL_FILE_BYTES = 100_000   # a table or figure: at most this
 METRICS_BYTES = 5_000        # one run's metrics.json with its validation curve
 TEXT_HEAD = ("classification", 2)
 VISION_CLASSES = 100         # heads differ per task by a few thousand scalars at most
 PREPARED_FIELDS = 3          # token ids, attention mask and token types (int32) per position
+
+
+def checkpoint_models(sampler: Mapping) -> float:
+    """Model sizes of the largest sampler checkpoint, for a config's sampler section."""
+    bf16 = sampler.get("checkpoint_precision") == "bf16"
+    models = CHECKPOINT_MODELS_BF16 if bf16 else CHECKPOINT_MODELS
+    return models + (0.5 if bf16 else 1) * bool(sampler.get("variance"))
+
+
+def running_stats_models(sampler: Mapping) -> int:
+    """Model sizes of the running statistics' scratch file (M2 only with `variance`)."""
+    return RUNNING_STATS_MODELS + bool(sampler.get("variance"))
 
 
 def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping]) -> tuple[Shapes,

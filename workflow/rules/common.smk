@@ -155,9 +155,9 @@ def gpu_slot_flags(uses_gpu=True):
 # --- what decides a rerun ---------------------------------------------------------------------
 # Snakemake reruns a job when its rule's shell text, its params, its input files or its software
 # environment change. So the rules get a hash of the code their subcommand runs and a hash of
-# the raw task files as params, while HOW a job runs (the interpreter's path, progress bars, the
-# data folder's spelling or place) travels in the shell prefix and the environment, which
-# Snakemake does not compare: moving the venv or turning on `progress` reruns nothing.
+# the raw task files as params, while HOW a job runs (the interpreter's path, progress bars, log
+# lines, the data folder's spelling or place) travels in the shell prefix and the environment,
+# which Snakemake does not compare: moving the venv or turning on `progress` reruns nothing.
 CODE = {
     command: command_code_hash(command)
     for command in ("prepare", "sample", "mask", "finetune", "report", "figures")
@@ -214,6 +214,7 @@ def task_declaration(task):
 
 def _shell_prefix():
     exports = {"BAYESTUNE_QUIET": "0" if config["progress"] else "1",
+               "BAYESTUNE_LOG_EVERY": str(config["log_every"]),
                "BAYESTUNE_JOBS_PER_GPU": str(config["jobs_per_gpu"])}
     if DATA_DIR:
         exports[_DATA_ENV] = shlex.quote(DATA_DIR)
