@@ -100,7 +100,7 @@ def _ratio(a: float, b: float) -> float | None:
 class ChainMonitor:
     """Watches a stage-1 chain (the sampler calls it before and after each step).
 
-    Before every ``every``-th step (default: 10, or the thinning when smaller) it evaluates
+    Before every ``every``-th step (default 10; a tenth of a run under 100 steps) it evaluates
     dU/dlambda at the state that step starts from, which is exactly the data/prior part of
     the gradient the step hands lambda's optimiser, and records its RMS over all scalars and,
     over a fixed subset, its median |.|, the share at the floor and the share whose |.| is
@@ -127,7 +127,9 @@ class ChainMonitor:
         self.noise_scale = sampler.noise_lam
         self.config = sampler.config
         self.trace_every = self.trace_every or sampler.config.thinning
-        self.every = self.every or min(MEASURE_EVERY, sampler.config.thinning)
+        # A short run is measured more often, so that each phase gets a few measurements.
+        shortest = sampler.config.shortest_run
+        self.every = self.every or (MEASURE_EVERY if shortest >= 100 else max(1, shortest // 10))
         self.trace_index = fixed_subset(numel, TRACE_SIZE, TRACE_SEED).to(sampler.device)
         # The median's subset, cut by parameter tensor: (tensor number, local indices).
         subset = fixed_subset(numel, MEDIAN_SUBSET, MEDIAN_SEED)
@@ -161,7 +163,7 @@ class ChainMonitor:
         for i, (p, theta0, lam) in enumerate(zip(sampler.params, self.theta0_views,
                                                  sampler.lams, strict=True)):
             grad = prior.grad_lambda(p.detach(), theta0, lam.detach())
-            sumsq += grad.double().square().sum()
+            sumsq += torch.linalg.vector_norm(grad).double().square()
             if i in chosen:
                 picked.append(grad.reshape(-1)[chosen[i]])
                 lam_picked.append(lam.detach().reshape(-1)[chosen[i]])
@@ -229,7 +231,8 @@ def jaccard(a: Tensor, b: Tensor) -> float:
 def rank_agreement(scores: Mapping[str, Tensor], *, fraction: float = TOP_FRACTION,
                    subset: int = RANK_SUBSET) -> dict[str, Any]:
     """Spearman correlation (average ranks for ties, on a fixed random subset of the scalars)
-    and Jaccard overlap of the top-``fraction`` sets (over all scalars) for each pair."""
+    and Jaccard overlap of the top-``fraction`` sets (over all scalars) for each pair. Two
+    random sets of p D scalars share p^2 D: Jaccard p / (2 - p) by chance."""
     names = list(scores)
     numel = next(iter(scores.values())).numel()
     index = fixed_subset(numel, subset, RANK_SEED)
@@ -246,7 +249,7 @@ def rank_agreement(scores: Mapping[str, Tensor], *, fraction: float = TOP_FRACTI
     for (i, a), (j, b) in combinations(enumerate(names), 2):
         pairs[f"{a}~{b}"] = {"spearman": _finite(rho[i, j]), "jaccard": jaccard(tops[a], tops[b])}
     return {"scalars": numel, "spearman_subset": int(index.numel()), "top_fraction": fraction,
-            "jaccard_chance": fraction, "pairs": pairs}
+            "jaccard_chance": fraction / (2 - fraction), "pairs": pairs}
 
 
 def _finite(x: float) -> float | None:
@@ -372,7 +375,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if phases:
         lines.append("  phase      measured  data RMS   noise RMS  noise/data  "
                      "(median |.|: data, noise/data)  at floor")
-        for name, p in phases.items():
+        for name, p in ((n, phases[n]) for n in PHASES if n in phases):
             moves = "" if p["lambda_moves"] else "  (lambda fixed: what SGLD would see)"
             lines.append(f"  {name:<10} {p['steps_measured']:>8}  {p['data_rms']:<9.3g}  "
                          f"{p['noise_rms']:<9.3g}  {_num(p['noise_to_data_rms']):<10}  "
