@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 
+import pandas as pd
 import pytest
 import torch
 from test_defects import SAMPLER_FLAGS, prepared, tiny_model_dir  # noqa: F401 (fixtures)
@@ -26,9 +27,10 @@ from bayestune.diagnostics import (
     describe,
     fixed_subset,
     rank_agreement,
+    seed_agreement,
     write_chain_diagnostics,
 )
-from bayestune.sampler import Sampler, sample_scales
+from bayestune.sampler import Sampler, sample_scales, write_scale_file
 
 
 @pytest.mark.parametrize("preset", ["exact", "reference"])
@@ -174,3 +176,42 @@ def test_diagnose_names_a_file_that_is_neither(tmp_path, capsys):
     other.write_text("hello")
     assert main(["diagnose", str(other)]) != 0
     assert "notes.txt" in capsys.readouterr().err
+
+
+def _seed_run(tmp_path, seed: int):
+    """A tiny chain of ``seed`` written as the sample command writes it, and its 10% mask."""
+    config = small_config()
+    monitor = ChainMonitor()
+    result = run(config, model=tiny_net(seed), seed=seed, chain_monitor=monitor)
+    scale_file = tmp_path / f"seed{seed}.safetensors"
+    write_scale_file(scale_file, result, config, seed=seed, model_id="tiny")
+    write_chain_diagnostics(scale_file, monitor, None, run={"task": "tiny", "seed": seed})
+    lam = torch.cat([t.reshape(-1) for t in result.mean.values()])
+    cut = torch.topk(lam, lam.numel() // 10).values.min()
+    mask = {n: t >= cut for n, t in result.mean.items()}
+    mask_file = tmp_path / f"mask{seed}.safetensors"
+    files.save_mask(mask_file, mask, {"budget": 0.1, "seed": seed, "method": "bayestune"})
+    return scale_file, mask_file, mask
+
+
+def test_figures_draw_traces_and_the_agreement_across_seeds(tmp_path):
+    runs = [_seed_run(tmp_path, seed) for seed in (0, 1, 2)]
+    out = tmp_path / "figures"
+    assert main(["-q", "diagnose", *(str(r[0]) for r in runs), "--masks",
+                 *(str(r[1]) for r in runs), "--figures-dir", str(out)]) == 0
+    for name in ("lambda_traces.png", "seed_agreement.png"):
+        assert (out / name).stat().st_size > 1000
+    table = pd.read_csv(out / "seed_agreement.csv")
+    assert len(table) == 6  # 3 pairs x (Spearman, Jaccard at 0.1)
+    jaccard = table[(table.measure == "jaccard") & (table.seed_a == 0) & (table.seed_b == 1)]
+    a, b = runs[0][2], runs[1][2]
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    union = sum(int((a[n] | b[n]).sum()) for n in a)
+    assert float(jaccard.value.iloc[0]) == pytest.approx(inter / union)
+    spearman = table[table.measure == "spearman"].value
+    assert spearman.between(-1, 1).all()
+
+
+def test_seed_agreement_of_one_seed_is_empty(tmp_path):
+    scale_file, mask_file, _ = _seed_run(tmp_path, 0)
+    assert seed_agreement([scale_file], [mask_file]).empty

@@ -174,6 +174,29 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         summary = describe(path)
         print(("\n" if k else "") + (json.dumps(summary, indent=2) if args.json
                                      else format_summary(summary)))
+    if args.figures_dir is not None:
+        _chain_figures(args)
+
+
+def _chain_figures(args: argparse.Namespace) -> None:
+    """The traces of the first scale file; with several seeds, their agreement."""
+    from bayestune import files, reports
+    from bayestune.diagnostics import seed_agreement
+
+    scales = [p for p in args.files if p.suffix == ".safetensors"]
+    if not scales:
+        raise ConfigError("--figures-dir draws scale files' diagnostics; give at least one "
+                          "scale file (.safetensors)")
+    out = Path(args.figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    traces_path = files.diagnostics_paths(scales[0])[1]
+    traces, meta = files.load_traces(traces_path)
+    reports.plot_lambda_traces(traces, meta, out / "lambda_traces.png")
+    table = seed_agreement(scales, args.masks)
+    reports.write_seed_agreement(table, out / "seed_agreement.csv")
+    reports.plot_seed_agreement(table, out / "seed_agreement.png")
+    log.info("wrote %s", ", ".join(str(out / n) for n in (
+        "lambda_traces.png", "seed_agreement.csv", "seed_agreement.png")))
 
 
 def _check_scales(args: argparse.Namespace, config: SamplerConfig, scales: Mapping[str, Tensor],
@@ -600,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path, metavar="FILE",
                    help="scale file (.safetensors) or stage-1 checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--figures-dir", type=Path, default=None, metavar="DIR",
+                   help="also draw lambda_traces.png (first scale file) and, across the scale "
+                        "files (the seeds of one task) and --masks, seed_agreement.csv/.png")
+    p.add_argument("--masks", nargs="+", type=Path, default=[], metavar="MASK",
+                   help="bayestune mask files of those seeds (any budgets), for the Jaccard "
+                        "overlaps in seed_agreement")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("mask", help="masks at several budgets from a selection method")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import spearmanr
 from torch import Tensor
@@ -297,6 +298,39 @@ def noise_to_data(summary: Mapping[str, Any], phase: str = "sampling") -> float 
     return (summary.get("phases", {}).get(phase) or {}).get("noise_to_data_median")
 
 
+# --- across the seeds of one task ------------------------------------------------------------
+SEED_COLUMNS = ("seed_a", "seed_b", "measure", "budget", "value")
+
+
+def seed_agreement(scale_paths: Sequence[str | Path],
+                   mask_paths: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """Per pair of seeds: the Spearman correlation of their posterior-mean lambdas (on the
+    fixed subset of :func:`rank_agreement`) and the Jaccard overlap of their masks at each
+    budget (from the mask files, seed and budget read from their metadata)."""
+    lambdas: dict[int, Tensor] = {}
+    for path in scale_paths:
+        scales, meta = files.load_scales(path)
+        lambdas[int(meta["seed"])] = flat(scales, sorted(scales))
+    rows = []
+    if len(lambdas) > 1:
+        pairs = rank_agreement({str(k): v for k, v in sorted(lambdas.items())})["pairs"]
+        for pair, values in pairs.items():
+            a, b = map(int, pair.split("~"))
+            rows.append((a, b, "spearman", math.nan, values["spearman"]))
+    masks: dict[float, dict[int, Tensor]] = {}
+    for path in mask_paths:
+        mask, meta = files.load_mask(path)
+        masks.setdefault(float(meta["budget"]), {})[int(meta["seed"])] = torch.cat(
+            [mask[n].reshape(-1) for n in sorted(mask)])
+    for budget, by_seed in sorted(masks.items()):
+        for a, b in combinations(sorted(by_seed), 2):
+            inter = int((by_seed[a] & by_seed[b]).sum())
+            union = int((by_seed[a] | by_seed[b]).sum())
+            rows.append((a, b, "jaccard", budget, inter / union if union else math.nan))
+    return pd.DataFrame(rows, columns=list(SEED_COLUMNS))
+
+
+# --- bayestune diagnose ---------------------------------------------------------------------
 def quantiles(values: Tensor, qs: Sequence[float] = (0.0, 0.01, 0.5, 0.99, 1.0)
               ) -> dict[str, float]:
     arr = values.detach().float().cpu().numpy()
