@@ -114,7 +114,7 @@ class ChainMonitor:
     every: int | None = None
     trace_every: int | None = None
     phases: dict[str, PhaseTally] = field(default_factory=dict)
-    measured: list[tuple[int, float, float, float]] = field(default_factory=list)
+    measured: list[tuple[int, float, float, float, float]] = field(default_factory=list)
     trace_steps: list[int] = field(default_factory=list)
     trace_values: list[Tensor] = field(default_factory=list)
     started_at: int | None = None
