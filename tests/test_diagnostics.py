@@ -21,13 +21,12 @@ from test_sampler import (
 )
 
 from bayestune import files
+from bayestune.chain_report import describe, seed_agreement
 from bayestune.cli import main
 from bayestune.diagnostics import (
     ChainMonitor,
-    describe,
     fixed_subset,
     rank_agreement,
-    seed_agreement,
     write_chain_diagnostics,
 )
 from bayestune.sampler import Sampler, sample_scales, write_scale_file

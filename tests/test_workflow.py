@@ -178,6 +178,7 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
         "mask_fixed": tasks * seeds,               # bitfit
         "finetune": runs_per_task_seed * tasks * seeds,
         "task_figures": tasks,
+        "chain_figures": tasks,                    # lambda traces, agreement across seeds
         "report": 1,
         "score_figure": 1,
         "val_curves": tasks,
@@ -185,7 +186,7 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
         "all": 1,
         "total": sum(counts.values()) - counts["total"],
     }
-    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 735, 1040)
+    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 735, 1047)
 
 
 @pytest.mark.parametrize("config", ["config/config.yaml", "config/vtab.yaml",

@@ -168,7 +168,7 @@ def _fisher_at_start(args: argparse.Namespace, model, data) -> dict[str, Tensor]
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from bayestune.diagnostics import describe, format_summary
+    from bayestune.chain_report import describe, format_summary
 
     for k, path in enumerate(args.files):
         summary = describe(path)
@@ -181,7 +181,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 def _chain_figures(args: argparse.Namespace) -> None:
     """The traces of the first scale file; with several seeds, their agreement."""
     from bayestune import files, reports
-    from bayestune.diagnostics import seed_agreement
+    from bayestune.chain_report import seed_agreement
 
     scales = [p for p in args.files if p.suffix == ".safetensors"]
     if not scales:
