@@ -194,7 +194,8 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
                                     "config/gpu_smoke.yaml"])
 def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
     commands = bayestune_commands(dry_run(config))
-    assert set(commands) == {"prepare", "sample", "mask", "finetune", "report", "figures"}
+    assert set(commands) == {"prepare", "sample", "mask", "finetune", "report", "figures",
+                             "diagnose"}
     parser = build_parser()
     for argvs in commands.values():
         variants = {tuple(a for a in argv if a.startswith("-")): argv for argv in argvs}
