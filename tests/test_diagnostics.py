@@ -47,6 +47,7 @@ def test_measured_data_part_is_the_gradient_lambda_steps_on():
     model = tiny_net()
     sampler = Sampler(model, ce_loss, config, 0, torch.device("cpu"))
     monitor = ChainMonitor(every=1)
+    monitor.attach(sampler)
     sampler.chain_monitor = monitor
     batch = next(iter(tiny_data().train_epoch(0)))
     before = sampler.lam_flat.detach().clone()

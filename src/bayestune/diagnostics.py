@@ -121,9 +121,9 @@ class ChainMonitor:
     started_at: int | None = None
     theta0: Tensor | None = None
 
-    def _setup(self, sampler: Sampler) -> None:
+    def attach(self, sampler: Sampler) -> None:
+        """Bind to a new sampler (before any checkpoint is resumed into it)."""
         numel = sampler.layout.numel
-        self.started_at = sampler.step
         self.theta0 = sampler.theta0_flat  # the sampler's own buffer: no copy
         self.names, self.floor = list(sampler.names), sampler.config.lambda_floor
         self.noise_scale = sampler.noise_lam
@@ -146,7 +146,7 @@ class ChainMonitor:
     @torch.no_grad()
     def before_step(self, sampler: Sampler) -> None:
         if self.started_at is None:
-            self._setup(sampler)
+            self.started_at = sampler.step
         step = sampler.step
         if step % self.every:
             return

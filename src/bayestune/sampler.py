@@ -364,6 +364,8 @@ NoiseFn = Callable[[str, int, Tensor], Tensor]
 class ChainMonitor(Protocol):
     """What the sampler calls around each step (see bayestune.diagnostics)."""
 
+    def attach(self, sampler: Sampler) -> None: ...
+
     def before_step(self, sampler: Sampler) -> None: ...
 
     def after_step(self, sampler: Sampler) -> None: ...
@@ -986,7 +988,9 @@ def sample_scales(
     scratch = Path(checkpoint_path).parent if checkpoint_path is not None else None
     sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch,
                       steps_per_epoch=steps_per_epoch)
-    sampler.chain_monitor = chain_monitor
+    if chain_monitor is not None:
+        chain_monitor.attach(sampler)
+        sampler.chain_monitor = chain_monitor
     try:
         return _run(sampler, batches, checkpoint_path, seed, progress, validate, log_every)
     finally:
