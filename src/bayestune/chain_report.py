@@ -75,30 +75,36 @@ def describe_scale_file(path: str | Path) -> dict[str, Any]:
 
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Summary of a sampler checkpoint: where the chain is and what it ranks so far."""
+    """Summary of a sampler checkpoint: where the chain is and what it ranks so far. A
+    checkpoint holds no theta0 (only its fingerprint), so |theta - theta0| is known only
+    where it stores theta as changes from theta0 (``checkpoint_precision: bf16``)."""
     from bayestune.sampler import SamplerConfig
 
     state = files.load_checkpoint(path)
     if state is None:
         raise files.MissingFileError(f"{path}: no such checkpoint")
-    if "lam" not in state or "theta0" not in state:
+    if "lam" not in state or "names" not in state:
         raise files.FileFormatError(f"{path}: not a stage-1 (sampler) checkpoint")
     saved = state["config"]
     config = SamplerConfig(**{**saved, "steps": saved["burnin_steps"] + 1})
-    step, lam, theta0 = state["step"], state["lam"].float(), state["theta0"].float()
-    theta = torch.cat([state["model"][n].reshape(-1).float() for n in state["names"]])
-    distance = (theta - theta0).abs()
-    scores = {"lambda_now": lam.clamp_min(config.lambda_floor), "distance": distance,
-              "magnitude": theta0.abs()}
+    numel = sum(math.prod(s) for s in state["shapes"])
+    lam = (state["lam"].float() if state["lam"] is not None
+           else torch.full((numel,), config.lambda_init))
+    scores = {"lambda_now": lam.clamp_min(config.lambda_floor)}
+    out: dict[str, Any] = {
+        "file": str(path), "kind": "checkpoint", "preset": config.preset,
+        "step": state["step"], "phase": config.phase(max(state["step"] - 1, 0)),
+        "n_samples": state["count"], "scalars": int(lam.numel()), "lambda": quantiles(lam),
+        "at_floor": float((lam <= config.lambda_floor).float().mean())}
+    if state.get("theta_delta"):
+        distance = torch.cat([d.float().reshape(-1).abs() for d in state["theta_delta"]])
+        scores["distance"] = distance
+        out["distance"] = quantiles(distance)
     mean = files.read_checkpoint_running_mean(path, state)
     if mean is not None:
         scores = {"lambda": mean, **scores}
-    return {
-        "file": str(path), "kind": "checkpoint", "preset": config.preset, "step": step,
-        "phase": config.phase(max(step - 1, 0)), "n_samples": state["count"],
-        "scalars": int(lam.numel()), "lambda": quantiles(lam),
-        "at_floor": float((lam <= config.lambda_floor).float().mean()),
-        "distance": quantiles(distance), "rank_agreement": rank_agreement(scores)}
+    out["rank_agreement"] = rank_agreement(scores) if len(scores) > 1 else None
+    return out
 
 
 def describe(path: str | Path) -> dict[str, Any]:

@@ -233,9 +233,11 @@ def read_checkpoint_running_mean(path: PathLike, state: Mapping[str, Any]) -> to
 
     if not state.get("count"):
         return None
-    stats = RunningStats(int(state["lam"].numel()), in_memory=True)
-    with open_checkpoint_attachment(path, state["mean"]) as stream:
-        stats.load(0, stream, Path(path))
+    stats = RunningStats(sum(math.prod(s) for s in state["shapes"]), in_memory=True,
+                         variance=False)
+    dtype = torch.bfloat16 if state.get("precision") == "bf16" else torch.float32
+    with open_checkpoint_attachment(path, state["stats"][0]) as stream:
+        stats.load(0, stream, Path(path), dtype)
     return stats.region(0)
 
 
