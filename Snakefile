@@ -64,6 +64,7 @@ localrules:
     score_figure,
     val_curves,
     paired_figure,
+    chain_figures,
 
 
 include: "workflow/rules/data.smk"
@@ -71,3 +72,4 @@ include: "workflow/rules/scales.smk"
 include: "workflow/rules/masks.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/diagnostics.smk"

@@ -180,7 +180,8 @@ def test_resumed_sampler_removes_the_killed_run_temporary(tmp_path, tiny_model_d
         assert main(command) == 0
     assert "resumed from step 2" in caplog.text
     assert out.is_file() and not checkpoint.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "seed0.diagnostics.json", "seed0.safetensors", "seed0.traces.safetensors"]
 
 
 def test_only_dead_writers_temporaries_are_removed(tmp_path):

@@ -178,6 +178,7 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
         "mask_fixed": tasks * seeds,               # bitfit
         "finetune": runs_per_task_seed * tasks * seeds,
         "task_figures": tasks,
+        "chain_figures": tasks,                    # lambda traces, agreement across seeds
         "report": 1,
         "score_figure": 1,
         "val_curves": tasks,
@@ -185,7 +186,7 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
         "all": 1,
         "total": sum(counts.values()) - counts["total"],
     }
-    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 735, 1040)
+    assert (counts["sample"], counts["finetune"], counts["total"]) == (35, 735, 1047)
 
 
 @pytest.mark.parametrize("config", ["config/config.yaml", "config/vtab.yaml",
@@ -193,7 +194,8 @@ def test_paper_dry_run_job_counts(workdir, dry_run):
                                     "config/gpu_smoke.yaml"])
 def test_every_rule_command_parses_with_the_cli(workdir, dry_run, config):
     commands = bayestune_commands(dry_run(config))
-    assert set(commands) == {"prepare", "sample", "mask", "finetune", "report", "figures"}
+    assert set(commands) == {"prepare", "sample", "mask", "finetune", "report", "figures",
+                             "diagnose"}
     parser = build_parser()
     for argvs in commands.values():
         variants = {tuple(a for a in argv if a.startswith("-")): argv for argv in argvs}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -118,6 +119,7 @@ def sampler_config_from_args(args: argparse.Namespace):
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from bayestune import files
+    from bayestune.diagnostics import ChainMonitor, rank_agreement, write_chain_diagnostics
     from bayestune.models.base import resolve_device, task_loss
     from bayestune.sampler import sample_scales, write_scale_file
     from bayestune.scale_checks import weight_scale
@@ -126,6 +128,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     config = sampler_config_from_args(args)
     spec, model, data = _model_and_data(args)
     largest_weight = weight_scale(model)  # before sampling moves theta away from theta0
+    fisher = _fisher_at_start(args, model, data)
+    monitor = ChainMonitor()
     # What the task gives the sampler: the epoch's length (jiant schedule) and a validation
     # score on the first val_subset examples (the length rule).
     validate = (val_scorer(data, spec, config.val_subset, resolve_device(args.device))
@@ -133,15 +137,66 @@ def cmd_sample(args: argparse.Namespace) -> None:
     result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
                            device=args.device, checkpoint_path=args.checkpoint,
                            progress=not args.quiet, steps_per_epoch=len(data.train),
-                           validate=validate, log_every=args.log_every)
+                           validate=validate, log_every=args.log_every,
+                           chain_monitor=monitor)
     _check_scales(args, config, result.mean, largest_weight)
     run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
     write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
                      provenance=run)
+    agreement = rank_agreement(monitor.final_scores(model, result.mean, fisher))
+    write_chain_diagnostics(args.out, monitor, agreement, run={
+        "task": args.task, "seed": args.seed, "preset": config.preset,
+        "model_id": model.model_id, "steps": result.steps, "n_samples": result.n_samples,
+        "fisher_examples": args.diagnostics_fisher_examples if fisher is not None else 0})
     if args.checkpoint is not None:
         # The scale file is the product; a finished run's checkpoint is only dead weight.
         files.remove_output(args.checkpoint)
     log.info("wrote %s (%d samples averaged)", args.out, result.n_samples)
+
+
+def _fisher_at_start(args: argparse.Namespace, model, data) -> dict[str, Tensor] | None:
+    """Fisher scores at theta0 for the chain diagnostics (None when turned off)."""
+    from bayestune.methods import MethodConfig
+    from bayestune.methods.gradient import fisher_scores
+    from bayestune.models.base import resolve_device, task_loss
+
+    if args.diagnostics_fisher_examples == 0:
+        return None
+    model.to(resolve_device(args.device))
+    settings = MethodConfig(fisher_examples=args.diagnostics_fisher_examples)
+    return fisher_scores(model, data.train_epoch, task_loss, args.seed, settings)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from bayestune.chain_report import describe, format_summary
+
+    for k, path in enumerate(args.files):
+        summary = describe(path)
+        print(("\n" if k else "") + (json.dumps(summary, indent=2) if args.json
+                                     else format_summary(summary)))
+    if args.figures_dir is not None:
+        _chain_figures(args)
+
+
+def _chain_figures(args: argparse.Namespace) -> None:
+    """The traces of the first scale file; with several seeds, their agreement."""
+    from bayestune import files, reports
+    from bayestune.chain_report import seed_agreement
+
+    scales = [p for p in args.files if p.suffix == ".safetensors"]
+    if not scales:
+        raise ConfigError("--figures-dir draws scale files' diagnostics; give at least one "
+                          "scale file (.safetensors)")
+    out = Path(args.figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    traces_path = files.diagnostics_paths(scales[0])[1]
+    traces, meta = files.load_traces(traces_path)
+    reports.plot_lambda_traces(traces, meta, out / "lambda_traces.png")
+    table = seed_agreement(scales, args.masks)
+    reports.write_seed_agreement(table, out / "seed_agreement.csv")
+    reports.plot_seed_agreement(table, out / "seed_agreement.png")
+    log.info("wrote %s", ", ".join(str(out / n) for n in (
+        "lambda_traces.png", "seed_agreement.csv", "seed_agreement.png")))
 
 
 def _check_scales(args: argparse.Namespace, config: SamplerConfig, scales: Mapping[str, Tensor],
@@ -557,8 +612,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-degenerate-scales", action="store_true",
                    help="write the scale file even when the scales are degenerate (NaN, far "
                         "above any plausible size, or all equal), which otherwise fails the job")
+    p.add_argument("--diagnostics-fisher-examples", type=int, default=32, metavar="N",
+                   help="chain diagnostics: training examples of the Fisher score the posterior "
+                        "mean is compared with (0: no Fisher comparison)")
     add_config_flags(p, SamplerConfig, given_only=True)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("diagnose", help="summary of scale files (with their chain diagnostics) "
+                                        "and sampler checkpoints")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="scale file (.safetensors) or stage-1 checkpoint")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--figures-dir", type=Path, default=None, metavar="DIR",
+                   help="also draw lambda_traces.png (first scale file) and, across the scale "
+                        "files (the seeds of one task) and --masks, seed_agreement.csv/.png")
+    p.add_argument("--masks", nargs="+", type=Path, default=[], metavar="MASK",
+                   help="bayestune mask files of those seeds (any budgets), for the Jaccard "
+                        "overlaps in seed_agreement")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("mask", help="masks at several budgets from a selection method")
     _common(p)

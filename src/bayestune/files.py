@@ -190,6 +190,57 @@ def load_scales(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return _load_tensors(path, "scales")
 
 
+# --- chain diagnostics: a JSON summary and a traces file beside each scale file --------------
+DIAGNOSTICS_FORMAT = 1
+
+
+def diagnostics_paths(scale_path: PathLike) -> tuple[Path, Path]:
+    """The summary and the traces file of a scale file: ``seed0.safetensors`` has
+    ``seed0.diagnostics.json`` and ``seed0.traces.safetensors`` beside it."""
+    path = Path(scale_path)
+    stem = path.name.removesuffix(".safetensors")
+    return (path.with_name(f"{stem}.diagnostics.json"),
+            path.with_name(f"{stem}.traces.safetensors"))
+
+
+def save_diagnostics(path: PathLike, summary: Mapping[str, Any]) -> None:
+    write_json(path, {**summary, "kind": "chain-diagnostics", "format": DIAGNOSTICS_FORMAT})
+
+
+def load_diagnostics(path: PathLike) -> dict[str, Any]:
+    record = read_json(path)
+    if record.get("kind") != "chain-diagnostics":
+        raise FileFormatError(f"{path}: not a chain diagnostics file (kind "
+                              f"{record.get('kind')!r}); rerun stage 1 to write it")
+    if record.get("format") != DIAGNOSTICS_FORMAT:
+        raise FileFormatError(f"{path}: diagnostics format {record.get('format')!r}, this "
+                              f"version reads {DIAGNOSTICS_FORMAT}; rerun stage 1 to rewrite it")
+    return record
+
+
+def save_traces(path: PathLike, traces: Tensors, meta: dict) -> None:
+    _save_tensors(Path(path), traces, "chain-traces", meta)
+
+
+def load_traces(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    return _load_tensors(path, "chain-traces")
+
+
+def read_checkpoint_running_mean(path: PathLike, state: Mapping[str, Any]) -> torch.Tensor | None:
+    """The posterior mean so far (flat, float32) of a sampler checkpoint; None before the
+    first sample."""
+    from bayestune.running_stats import RunningStats
+
+    if not state.get("count"):
+        return None
+    stats = RunningStats(sum(math.prod(s) for s in state["shapes"]), in_memory=True,
+                         variance=False)
+    dtype = torch.bfloat16 if state.get("precision") == "bf16" else torch.float32
+    with open_checkpoint_attachment(path, state["stats"][0]) as stream:
+        stats.load(0, stream, Path(path), dtype)
+    return stats.region(0)
+
+
 # --- score file: any per-parameter ranking score (baselines) --------------------------------
 def save_scores(path: PathLike, scores: Tensors, meta: dict) -> None:
     _save_tensors(Path(path), scores, "scores", meta)

@@ -563,6 +563,65 @@ def plot_mask_overlap(masks: Mapping[str, Mapping[str, torch.Tensor]], path: Pat
     return _save(fig, path)
 
 
+# --- chain diagnostics: lambda traces, agreement across seeds -------------------------------
+def plot_lambda_traces(traces: Mapping[str, torch.Tensor], meta: Mapping[str, object],
+                       path: PathLike, lines: int = 40, title: str = "") -> Path:
+    """max(lambda, floor) of the traced scalars against the step, log scale: ``lines`` of them
+    as thin lines over the 5-95% and 25-75% bands and the median; dotted lines at W and B."""
+    steps = traces["steps"].numpy()
+    values = traces["lambda"].double().numpy()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if len(steps) == 0:
+        plt.close(fig)
+        return _empty_figure(path, "no lambda trace recorded")
+    bands = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95], axis=1)
+    ax.fill_between(steps, bands[0], bands[4], alpha=0.15, color="C0", label="5-95%")
+    ax.fill_between(steps, bands[1], bands[3], alpha=0.3, color="C0", label="25-75%")
+    ax.plot(steps, values[:, :lines], color="grey", linewidth=0.5, alpha=0.6)
+    ax.plot(steps, bands[2], color="C0", linewidth=2, label="median")
+    for key, name in (("warmup_steps", "W"), ("burnin_steps", "B")):
+        if key in meta:
+            ax.axvline(float(meta[key]), color="k", linestyle=":", linewidth=1)
+            ax.annotate(name, (float(meta[key]), 1), xycoords=("data", "axes fraction"),
+                        ha="left", va="top")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max(lambda, floor)")
+    ax.set_title(title or f"lambda traces, {values.shape[1]} fixed scalars "
+                          f"({lines} drawn; preset {meta.get('preset', '?')})")
+    ax.legend(fontsize="small", loc="lower left")
+    return _save(fig, path)
+
+
+def write_seed_agreement(table: pd.DataFrame, path: PathLike) -> Path:
+    path = Path(path)
+    with files.atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def plot_seed_agreement(table: pd.DataFrame, path: PathLike, title: str = "") -> Path:
+    """One heatmap per measure of :func:`bayestune.diagnostics.seed_agreement`'s table:
+    Spearman of the posterior-mean lambdas, Jaccard of the masks at each budget."""
+    panels = list(table.groupby(["measure", "budget"], dropna=False, sort=False))
+    if not panels:
+        return _empty_figure(path, "fewer than two seeds: nothing to compare")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 3.6), squeeze=False)
+    for ax, ((measure, budget), rows) in zip(axes[0], panels, strict=True):
+        seeds = sorted(set(rows.seed_a) | set(rows.seed_b))
+        matrix = pd.DataFrame(np.eye(len(seeds)), index=seeds, columns=seeds)
+        for row in rows.itertuples():
+            matrix.loc[row.seed_a, row.seed_b] = matrix.loc[row.seed_b, row.seed_a] = row.value
+        sns.heatmap(matrix, annot=True, fmt=".3f", vmin=0, vmax=1, cmap="viridis", square=True,
+                    ax=ax, cbar=False)
+        label = "Spearman of lambda" if measure == "spearman" else f"Jaccard at {budget:g}"
+        ax.set_title(label)
+        ax.set_xlabel("seed")
+        ax.set_ylabel("seed")
+    fig.suptitle(title or "agreement across seeds")
+    return _save(fig, path)
+
+
 # --- validation curves, paired differences ---------------------------------------------------
 def collect_histories(paths: Iterable[PathLike]) -> pd.DataFrame:
     """One row per evaluation of every run that recorded its validation curve: method, budget

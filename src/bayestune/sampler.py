@@ -39,7 +39,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -361,6 +361,16 @@ def write_scale_file(path: str | Path, result: ScaleResult, config: SamplerConfi
 NoiseFn = Callable[[str, int, Tensor], Tensor]
 
 
+class ChainMonitor(Protocol):
+    """What the sampler calls around each step (see bayestune.diagnostics)."""
+
+    def attach(self, sampler: Sampler) -> None: ...
+
+    def before_step(self, sampler: Sampler) -> None: ...
+
+    def after_step(self, sampler: Sampler) -> None: ...
+
+
 class Sampler:
     """The whole state of one stage-1 run; :meth:`advance` takes one step of the schedule.
 
@@ -433,6 +443,9 @@ class Sampler:
         self.scratch_dir = scratch_dir  # where the running statistics' scratch file goes
         self.stats: RunningStats | None = None  # made by the first sample
         self._theta0_fingerprint: str | None = None
+        # Watches the chain (bayestune.diagnostics.ChainMonitor): reads the state before and
+        # after each step, never changes it, so the samples are the same with or without it.
+        self.chain_monitor: ChainMonitor | None = None
 
     @property
     def limit(self) -> int | None:
@@ -498,13 +511,17 @@ class Sampler:
     # --- one optimiser step -------------------------------------------------------------------
     def advance(self, batch: dict) -> float:
         """One step of the schedule: update, check lambda, maybe record a sample; the loss."""
-        step, config = self.step, self.config
+        step, config, monitor = self.step, self.config, self.chain_monitor
+        if monitor is not None:  # the state this step's lambda gradient is computed from
+            monitor.before_step(self)
         loss_value = self.train_step(batch) if self.fused else self.train_step_per_tensor(batch)
         self.check_lambda()
         if config.sample_rule == "after-update":
             for _ in range(config.samples_at(step)):
                 self.record_sample()
         self.step, self.position = step + 1, self.position + 1
+        if monitor is not None:
+            monitor.after_step(self)
         return loss_value
 
     def _backward(self, batch: dict) -> float:
@@ -945,6 +962,7 @@ def sample_scales(
     steps_per_epoch: int | None = None,
     validate: Callable[[nn.Module], float] | None = None,
     log_every: int = 0,
+    chain_monitor: ChainMonitor | None = None,
 ) -> ScaleResult:
     """Run stage 1 and return the posterior mean (and variance) of the scales lambda.
 
@@ -957,7 +975,8 @@ def sample_scales(
     resumed from: a resumed run gives the same result as an uninterrupted one. The model is
     moved to ``device`` and left there, holding the last sample of theta. ``log_every`` > 0
     logs a line every this many steps, after each validation and at the end (see
-    :func:`_log_line`).
+    :func:`_log_line`). ``chain_monitor`` watches every step
+    (bayestune.diagnostics); it does not change the samples.
     """
     config.validate()
     if config.patience > 0 and validate is None:
@@ -969,6 +988,9 @@ def sample_scales(
     scratch = Path(checkpoint_path).parent if checkpoint_path is not None else None
     sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch,
                       steps_per_epoch=steps_per_epoch)
+    if chain_monitor is not None:
+        chain_monitor.attach(sampler)
+        sampler.chain_monitor = chain_monitor
     try:
         return _run(sampler, batches, checkpoint_path, seed, progress, validate, log_every)
     finally:

@@ -160,7 +160,7 @@ def gpu_slot_flags(uses_gpu=True):
 # which Snakemake does not compare: moving the venv or turning on `progress` reruns nothing.
 CODE = {
     command: command_code_hash(command)
-    for command in ("prepare", "sample", "mask", "finetune", "report", "figures")
+    for command in ("prepare", "sample", "mask", "finetune", "report", "figures", "diagnose")
 }
 _DATA_ENV, _DATA_KEY = (
     ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
@@ -240,6 +240,11 @@ def prepared(task):
 
 def scale_file(preset, task, seed):
     return f"{RES}/scales/{preset}/{task}/seed{seed}.safetensors"
+
+
+def diagnostics_file(preset, task, seed, kind):
+    """The chain diagnostics beside a scale file (kind: diagnostics.json, traces.safetensors)."""
+    return f"{RES}/scales/{preset}/{task}/seed{seed}.{kind}"
 
 
 def checkpoint_file(preset, task, seed):
@@ -428,8 +433,35 @@ def provenance_file():
     return f"{RES}/{BENCH}_provenance.csv"
 
 
+def chain_figures(task):
+    """Per task, with bayestune in the run: its lambda traces and the agreement across seeds."""
+    if "bayestune" not in METHODS:
+        return []
+    names = ("lambda_traces.png", "seed_agreement.csv", "seed_agreement.png")
+    return [f"{RES}/figures/{task}/{name}" for name in names]
+
+
+def chain_figure_inputs(wildcards):
+    """Every seed's scale file and diagnostics, and bayestune's masks at every budget (the
+    first stage-1 preset, as the other figures)."""
+    preset = PRESETS[0]
+    return {
+        "scales": [scale_file(preset, wildcards.task, s) for s in SEEDS],
+        "diagnostics": [
+            diagnostics_file(preset, wildcards.task, s, kind)
+            for s in SEEDS
+            for kind in ("diagnostics.json", "traces.safetensors")
+        ],
+        "masks": [
+            mask_file("bayestune", wildcards.task, s, label, preset)
+            for s in SEEDS
+            for label in labels_of("bayestune")
+        ],
+    }
+
+
 def all_targets():
-    figures = [f for task in TASKS for f in task_figures(task)]
+    figures = [f for task in TASKS for f in task_figures(task) + chain_figures(task)]
     return (table_files() + [provenance_file()] + figures
             + [f"{RES}/figures/score_vs_budget.png"] + convergence_figures())
 

@@ -7,7 +7,10 @@ rule sample:
     input:
         data=lambda wc: prepared(wc.task),
     output:
-        scale_file("{preset}", "{task}", "{seed}"),
+        scales=scale_file("{preset}", "{task}", "{seed}"),
+        # chain diagnostics (docs/ALGORITHM.md, "Diagnostics"), written beside the scales
+        diagnostics=diagnostics_file("{preset}", "{task}", "{seed}", "diagnostics.json"),
+        traces=diagnostics_file("{preset}", "{task}", "{seed}", "traces.safetensors"),
     log:
         f"{RES}/logs/sample/{{preset}}/{{task}}/seed{{seed}}.log",
     params:
@@ -29,7 +32,7 @@ rule sample:
         "../envs/bayestune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune sample --task {wildcards.task}"
-        " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output}"
+        " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output.scales}"
         " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots}"
         " {params.flags} {params.task_file}"
         " > {log} 2>&1"
