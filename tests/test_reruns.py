@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 # The tables and every figure: one task, so one job each.
 REPORTING = {"report": 1, "task_figures": 1, "score_figure": 1, "val_curves": 1,
-             "paired_figure": 1, "all": 1}
+             "paired_figure": 1, "chain_figures": 1, "all": 1}
 # Everything built from the task's data: the random mask reads no data, so it stays.
 FROM_DATA = {"prepare": 1, "sample": 1, "mask_bayestune": 1, "finetune": 3, **REPORTING}
 

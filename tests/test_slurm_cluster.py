@@ -161,7 +161,7 @@ def test_tiny_run_with_a_cancelled_sampler(cluster, packages_installed_in, tmp_p
 
     jobs = submissions(output)
     sample_jobs = [job for job, rule, _ in jobs if rule == "sample"]
-    sampler_log = run / "results/tiny/logs/sample/cb/seed0.log"
+    sampler_log = run / "results/tiny/logs/sample/exact/cb/seed0.log"
     resumed = re.search(r"stage 1 resumed from step (\d+)",
                         sampler_log.read_text() if sampler_log.exists() else "")
     job, state = cancelled["job"], cancelled["state"]

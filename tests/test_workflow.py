@@ -447,7 +447,7 @@ def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, glue_dir):
     second = subprocess.run(command, cwd=run, env=run_env(glue_dir), capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + first[-2000:]
-    log = (run / "results/tiny/logs/sample/cb/seed0.log").read_text()
+    log = (run / "results/tiny/logs/sample/exact/cb/seed0.log").read_text()
     resumed = re.search(r"resum\w*\b.*?\bstep (\d+)", log)
     assert resumed and int(resumed.group(1)) in (8, 16), log[-2000:]
     assert (run / target).exists() and not checkpoint.exists()

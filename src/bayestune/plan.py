@@ -277,8 +277,10 @@ class _FileSizes:
             if size is None:
                 self.unsized_tasks.append(args.task)
             return [PlannedFile(p, "prepared data", size or 0) for p in job.outputs]
-        if args.command == "sample":
+        if args.command == "sample":  # the scale file, then its small diagnostics sidecars
             return [PlannedFile(p, "scale files", sizes.scale_file_bytes(self.shapes))
+                    if Path(p) == Path(args.out)
+                    else PlannedFile(p, "chain diagnostics", sizes.SMALL_FILE_BYTES)
                     for p in job.outputs]
         if args.command == "mask":
             return [self._mask(p, args) for p in job.outputs]
