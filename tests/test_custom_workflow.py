@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 from task_data import write_reviews
+from test_workflow import job_counts
 
 from bayestune.cli import build_parser
 
@@ -56,17 +57,6 @@ def edited_config(cwd: Path, name: str, **changes) -> str:
     return name
 
 
-def planned_jobs(output: str) -> dict[str, int]:
-    table = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    counts = {}
-    for line in table.splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return workdir_with_data(tmp_path_factory.mktemp("reviews"))
@@ -75,7 +65,7 @@ def workdir(tmp_path_factory) -> Path:
 def test_example_dry_run_passes_the_task_file_to_every_job(workdir):
     result = snakemake(workdir, "-n", "-p", "--cores", "1", "--configfile", EXAMPLE)
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = planned_jobs(result.stdout)
+    counts = job_counts(result.stdout)
     assert (counts["prepare"], counts["sample"], counts["mask"], counts["mask_bayestune"],
             counts["finetune"]) == (1, 1, 1, 1, 3)
     parser = build_parser()
@@ -136,7 +126,7 @@ def test_worked_example_from_csv_folder_to_table_and_figures(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
 
     def dry_run() -> dict[str, int]:
-        return planned_jobs(snakemake(run, "-n", "--cores", "1", "--configfile", config).stdout)
+        return job_counts(snakemake(run, "-n", "--cores", "1", "--configfile", config).stdout)
 
     # one line of a split file changes: prepare and everything after it run again
     test_csv = run / "data/raw/reviews/test.csv"

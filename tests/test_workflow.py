@@ -69,8 +69,9 @@ def snakemake(cwd: Path, *args: str, env: dict[str, str] | None = None,
 
 
 def job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of a (dry) run: rule -> number of jobs."""
-    table = output.split("Job stats:", 1)[1]
+    """The "Job stats" table of a (dry) run: rule -> number of jobs (none when nothing is to
+    be done)."""
+    table = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
     counts = {}
     for line in table.splitlines()[3:]:
         parts = line.split()

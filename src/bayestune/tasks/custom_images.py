@@ -22,7 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from bayestune.files import write_json
 from bayestune.models.base import TaskModel
-from bayestune.models.vision import ModelLoadError, build_vision_model, vision_data_config
+from bayestune.models.vision import build_vision_model
 from bayestune.tasks import vtab
 from bayestune.tasks.base import SPLITS, TaskData, TaskError, split_train_val
 from bayestune.tasks.custom import CustomTask, label_text
@@ -102,16 +102,10 @@ def prepare(task: CustomTask, model_name: str, out_dir: str | os.PathLike[str]) 
     items = {split: _split_items(task, folder, kind, split, classes) for split in SPLITS}
     if items["val"] is None:
         items["train"], items["val"] = split_train_val(items["train"])
-    try:
-        preprocess = vision_data_config(model_name)
-    except ModelLoadError as err:
-        raise TaskError(str(err)) from err
     manifest: dict[str, Any] = {
         "task": task.name, "declaration": task.declaration(), "labels": list(classes),
-        "layout": kind, "folder": str(folder.resolve()), "model": model_name,
-        "preprocess": preprocess,
-        "splits": {s: {"paths": [p for p, _ in rows], "labels": [c for _, c in rows]}
-                   for s, rows in items.items()},
+        "layout": kind, "folder": str(folder.resolve()),
+        **vtab.image_manifest(model_name, items),
     }
     out_dir = Path(out_dir)
     write_json(out_dir / MANIFEST, manifest)

@@ -161,22 +161,29 @@ def prepare(task: str, model_name: str, out_dir: Path, data_dir: Path | None = N
                         f"per task named {', '.join(FOLDERS.values())}")
     lists = {split: read_list(folder / name, NUM_CLASSES[task])
              for split, name in LIST_FILES.items()}
-    try:
-        preprocess = vision_data_config(model_name)
-    except ModelLoadError as err:
-        raise TaskError(str(err)) from err
     train_split = "trainval" if final else "train"
     splits = {"train": lists[train_split], "val": lists["val"], "test": lists["test"]}
     manifest = {
         "task": task, "folder": str(folder.resolve()), "num_classes": NUM_CLASSES[task],
-        "final": final, "train_list": LIST_FILES[train_split], "model": model_name,
-        "preprocess": preprocess,
-        "splits": {s: {"paths": [p for p, _ in items], "labels": [lb for _, lb in items]}
-                   for s, items in splits.items()},
+        "final": final, "train_list": LIST_FILES[train_split],
+        **image_manifest(model_name, splits),
     }
     out_dir = Path(out_dir)
     write_json(out_dir / MANIFEST, manifest)
     return out_dir
+
+
+def image_manifest(model_name: str,
+                   splits: Mapping[str, list[tuple[str, int]]]) -> dict[str, Any]:
+    """What the image loaders read from a manifest: the model's preprocessing and each
+    split's paths and labels."""
+    try:
+        preprocess = vision_data_config(model_name)
+    except ModelLoadError as err:
+        raise TaskError(str(err)) from err
+    return {"model": model_name, "preprocess": preprocess,
+            "splits": {s: {"paths": [p for p, _ in items], "labels": [lb for _, lb in items]}
+                       for s, items in splits.items()}}
 
 
 # --- loaders ----------------------------------------------------------------------------------
