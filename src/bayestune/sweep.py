@@ -95,13 +95,11 @@ def _section(config: Mapping[str, Any], name: str, overrides: Mapping[str, Any])
     return {**config.get(name, {}), **overrides}
 
 
-def _task_data_cache(job: SweepJob, config: Mapping[str, Any]):
+def _task_data_cache(job: SweepJob, config: Mapping[str, Any], declared: Mapping[str, Any]):
     """Task data by loader setting: the stages of a job share one load when their batch sizes
     agree (``train_epoch(e)`` yields the same batches however often it is called)."""
     from bayestune.tasks import load_task_data
-    from bayestune.tasks.custom import parse_custom_tasks
 
-    declared = parse_custom_tasks(config.get("custom_tasks"))
     loaded: dict[tuple[int, int], Any] = {}
 
     def data(section: Mapping[str, Any]):
@@ -113,13 +111,12 @@ def _task_data_cache(job: SweepJob, config: Mapping[str, Any]):
     return data
 
 
-def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str):
+def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str, spec):
     """The job's mask at the main budget (None for full and lora) and the number of lambda
     samples behind it. Stage 1 runs on a copy: ``model`` stays at theta0 for stage 2."""
     from bayestune.methods import MethodConfig, select_masks
     from bayestune.models.base import resolve_device, task_loss
     from bayestune.sampler import sample_scales, sampler_config_from_section
-    from bayestune.tasks import get_task
     from bayestune.tasks.base import val_scorer
 
     if job.method in ("full", "lora"):
@@ -129,7 +126,7 @@ def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str):
         section = _section(config, "sampler", job.sampler)
         sampler = sampler_config_from_section(section)
         loaded = data(section)
-        validate = (val_scorer(loaded, get_task(job.task), sampler.val_subset,
+        validate = (val_scorer(loaded, spec, sampler.val_subset,
                                resolve_device(device)) if sampler.patience > 0 else None)
         result = sample_scales(copy.deepcopy(model), loaded.train_epoch, task_loss, sampler,
                                seed=job.seed, device=device, progress=False,
@@ -155,13 +152,14 @@ def run_job(job: SweepJob, config: Mapping[str, Any], device: str) -> dict[str, 
 
     start = time.perf_counter()
     declared = parse_custom_tasks(config.get("custom_tasks"))
-    data = _task_data_cache(job, config)
+    spec = get_task(job.task, declared)
+    data = _task_data_cache(job, config, declared)
     model = build_task_model(job.task, config["model"], job.seed, declared)
-    mask, n_samples = _mask(job, config, model, data, device)
+    mask, n_samples = _mask(job, config, model, data, device, spec)
     section = _section(config, "finetune", config.get("finetune_by_method", {}).get(job.method, {}))
     if job.method == "lora":
         model = wrap_lora(model, _dataclass_part(LoraSettings, config.get("lora", {})))
-    result = finetune(model, data(section), get_task(job.task, declared),
+    result = finetune(model, data(section), spec,
                       _dataclass_part(FinetuneConfig, section), mask=mask, seed=job.seed,
                       device=device, progress=False)
     return {"name": job.name, "task": job.task, "seed": job.seed, "method": job.method,
