@@ -193,7 +193,7 @@ def _chain_figures(args: argparse.Namespace) -> None:
     traces, meta = files.load_traces(traces_path)
     reports.plot_lambda_traces(traces, meta, out / "lambda_traces.png")
     table = seed_agreement(scales, args.masks)
-    reports.write_seed_agreement(table, out / "seed_agreement.csv")
+    reports.write_table_csv(table, out / "seed_agreement.csv")
     reports.plot_seed_agreement(table, out / "seed_agreement.png")
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "lambda_traces.png", "seed_agreement.csv", "seed_agreement.png")))
@@ -352,7 +352,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         lora = config_from_args(args, LoraSettings, prefix="lora_")
     # Each candidate starts from the same weights (theta0, or the start file's) with the same
     # seed and data order, so that only its settings differ; the best on validation is kept.
-    tried, best, best_model = [], None, None
+    tried, chosen, best_model = [], 0, None
     for number, candidate in enumerate(candidates):
         stage2 = {k: v for k, v in candidate.items() if k not in (MASK_KEY, PRESET_KEY)}
         config = dataclasses.replace(base, **stage2)
@@ -373,11 +373,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                           log_every=args.log_every)
         tried.append({"candidate": candidate, "config": config, "result": result,
                       "mask": mask, "mask_meta": mask_meta})
-        if choose([t["result"].val_score for t in tried]) == number:
-            best, best_model = tried[-1], trained
+        chosen = choose([t["result"].val_score for t in tried])
+        if chosen == number:
+            best_model = trained
         del trained
-    chosen = choose([t["result"].val_score for t in tried])
-    config, result, mask, mask_meta = (best[k] for k in ("config", "result", "mask", "mask_meta"))
+    config, result, mask, mask_meta = (tried[chosen][k]
+                                       for k in ("config", "result", "mask", "mask_meta"))
     # Test is scored once, for the candidate validation chose.
     result.test_score = evaluate(best_model, data.test, spec, resolve_device(args.device))
     method, budget, chain, lora_preset = args.method or "full", args.method or "full", {}, None

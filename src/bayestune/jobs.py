@@ -120,25 +120,34 @@ def carry_model(model_name: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def priorities(jobs: Sequence[Job]) -> dict[str, tuple[int, int]]:
+def priorities(jobs: Sequence[Job], deps: Mapping[str, set[str]] | None = None,
+               ) -> dict[str, tuple[int, int]]:
     """Job id -> (longest chain of jobs that wait on it, its optimiser steps): the scheduler
     starts the job with the largest first, so the long stage-1 chains start before the short
-    jobs that could fill the slots."""
+    jobs that could fill the slots. ``deps`` is :func:`needs` of ``jobs`` when known."""
     from bayestune.cli import build_parser
-    from bayestune.plan import job_steps
 
-    deps, parser = needs(jobs), build_parser()
+    deps = needs(jobs) if deps is None else deps
+    users: dict[str, list[str]] = {j.id: [] for j in jobs}
+    for job_id, needed in deps.items():
+        for d in needed:
+            users[d].append(job_id)
     height: dict[str, int] = {}
     for job in reversed(order(jobs)):  # every job after those it needs: dependents first
-        users = [j.id for j in jobs if job.id in deps[j.id]]
-        height[job.id] = 1 + max((height[u] for u in users), default=0)
-    steps = {}
-    for job in jobs:
-        try:
-            steps[job.id] = sum(n for _, n in job_steps(parser.parse_args(job.argv)))
-        except SystemExit:  # not a bayestune command (toy lists in tests)
-            steps[job.id] = 0
-    return {job.id: (height[job.id], steps[job.id]) for job in jobs}
+        height[job.id] = 1 + max((height[u] for u in users[job.id]), default=0)
+    parser = build_parser()
+    return {job.id: (height[job.id], _steps(parser, job)) for job in jobs}
+
+
+def _steps(parser, job: Job) -> int:
+    """The optimiser steps of a job's command (0 for what is not a bayestune command, as the
+    toy lists of the tests)."""
+    from bayestune.plan import job_steps
+
+    try:
+        return sum(n for _, n in job_steps(parser.parse_args(job.argv)))
+    except SystemExit:
+        return 0
 
 
 # --- the scheduler ----------------------------------------------------------------------------
@@ -197,7 +206,7 @@ def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, 
         if _finished_before(state, job):
             outcomes[job.id] = Outcome(job, "skipped")
     running: dict[str, tuple[subprocess.Popen, Outcome]] = {}
-    rank = priorities(jobs)
+    rank = priorities(jobs, deps)
     waiting = sorted((j for j in jobs if j.id not in outcomes), key=lambda j: rank[j.id],
                      reverse=True)
     while waiting or running:
@@ -234,16 +243,11 @@ def summary_rows(outcomes: Sequence[Outcome]) -> list[dict]:
     """One row per job: rule, status, seconds, jobs running when it started, steps and
     seconds per step (wall time over the optimiser steps it runs, start-up included)."""
     from bayestune.cli import build_parser
-    from bayestune.plan import job_steps
 
     parser = build_parser()
     rows = []
     for o in outcomes:
-        steps = 0
-        try:
-            steps = sum(n for _, n in job_steps(parser.parse_args(o.job.argv)))
-        except SystemExit:
-            pass
+        steps = _steps(parser, o.job)
         rows.append({"id": o.job.id, "rule": o.job.rule, "status": o.status,
                      "seconds": round(o.seconds, 2), "running_at_start": o.running_at_start,
                      "steps": steps,

@@ -292,7 +292,7 @@ def write_tables(scores: pd.DataFrame, out_dir: PathLike, benchmark: str,
         note = published_note(model) if benchmark == "glue" else ""
         tmp.write_text(_markdown(table, tasks, extra) + _improving_note(scores) + note
                        + _paired_markdown(differences, reference, main_budget))
-    paths.append(write_paired(differences, out_dir / f"{benchmark}_paired.csv"))
+    paths.append(write_table_csv(differences, out_dir / f"{benchmark}_paired.csv"))
     return paths
 
 
@@ -335,15 +335,17 @@ def paired_table(scores: pd.DataFrame, reference: str = "bayestune",
     return _row_order(differences) if len(differences) else differences
 
 
-def write_paired(differences: pd.DataFrame, path: PathLike) -> Path:
+def write_table_csv(table: pd.DataFrame, path: PathLike) -> Path:
+    """A small results table as CSV (six significant digits), written atomically."""
     path = Path(path)
     with files.atomic_output(path) as tmp:
-        differences.to_csv(tmp, index=False, float_format="%.6g")
+        table.to_csv(tmp, index=False, float_format="%.6g")
     return path
 
 
+
 def read_paired(path: PathLike) -> pd.DataFrame:
-    """A ``<benchmark>_paired.csv`` as :func:`write_paired` wrote it (budgets as labels)."""
+    """A ``<benchmark>_paired.csv`` as :func:`write_table_csv` wrote it (budgets as labels)."""
     table = pd.read_csv(path, dtype={"budget": str, "reference_budget": str})
     missing = [c for c in paired.COLUMNS if c not in table.columns]
     if missing:
@@ -591,13 +593,6 @@ def plot_lambda_traces(traces: Mapping[str, torch.Tensor], meta: Mapping[str, ob
                           f"({lines} drawn; preset {meta.get('preset', '?')})")
     ax.legend(fontsize="small", loc="lower left")
     return _save(fig, path)
-
-
-def write_seed_agreement(table: pd.DataFrame, path: PathLike) -> Path:
-    path = Path(path)
-    with files.atomic_output(path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
-    return path
 
 
 def plot_seed_agreement(table: pd.DataFrame, path: PathLike, title: str = "") -> Path:

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from bayestune.convergence import best_evaluation
 from bayestune.errors import ConfigError
 
 # Keys a candidate may hold besides stage-2 settings: the stage-1 preset whose mask it uses
@@ -118,13 +119,8 @@ def parse_candidates(text: str) -> list[dict[str, Any]]:
 def choose(val_scores: Sequence[float]) -> int:
     """Index of the candidate with the best validation score: the first of equals, NaN never
     chosen over a number (the first candidate when none has a score)."""
-    best = 0
-    for index, score in enumerate(val_scores):
-        if math.isnan(score):
-            continue
-        if math.isnan(val_scores[best]) or score > val_scores[best]:
-            best = index
-    return best
+    best = best_evaluation(val_scores)
+    return 0 if best is None else best
 
 
 def describe(candidate: Mapping[str, Any]) -> str:

@@ -266,12 +266,6 @@ def parse_declaration(name: str, raw: Any, reserved: frozenset[str] = frozenset(
                       regression=regression, subset=_string(name, raw, "subset"))
 
 
-def builtin_task_names() -> frozenset[str]:
-    from bayestune.tasks import glue, vtab
-
-    return frozenset(glue.TASKS) | frozenset(vtab.TASKS)
-
-
 def parse_custom_tasks(section: Any, where: str = SECTION) -> dict[str, CustomTask]:
     """Every declaration of a ``custom_tasks`` mapping, validated (``where`` for messages)."""
     if section is None:
@@ -279,7 +273,9 @@ def parse_custom_tasks(section: Any, where: str = SECTION) -> dict[str, CustomTa
     if not isinstance(section, Mapping):
         raise TaskError(f"{where}: custom_tasks must map task names to declarations, got "
                         f"{type(section).__name__}")
-    reserved = builtin_task_names()
+    from bayestune.tasks import builtin_tasks  # the package imports this module
+
+    reserved = frozenset(builtin_tasks())
     return {name: parse_declaration(name, raw, reserved) for name, raw in section.items()}
 
 
