@@ -100,11 +100,24 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         distance = torch.cat([d.float().reshape(-1).abs() for d in state["theta_delta"]])
         scores["distance"] = distance
         out["distance"] = quantiles(distance)
-    mean = files.read_checkpoint_running_mean(path, state)
+    mean = _running_mean(path, state, numel)
     if mean is not None:
         scores = {"lambda": mean, **scores}
     out["rank_agreement"] = rank_agreement(scores) if len(scores) > 1 else None
     return out
+
+
+def _running_mean(path: str | Path, state: dict[str, Any], numel: int) -> torch.Tensor | None:
+    """The posterior mean so far (flat, float32) of a sampler checkpoint; None before the
+    first sample."""
+    from bayestune.running_stats import STORED_DTYPES, RunningStats
+
+    if not state.get("count"):
+        return None
+    stats = RunningStats(numel, in_memory=True, variance=False)
+    with files.open_checkpoint_attachment(path, state["stats"][0]) as stream:
+        stats.load(0, stream, Path(path), STORED_DTYPES[state.get("precision", "fp32")])
+    return stats.region(0)
 
 
 def describe(path: str | Path) -> dict[str, Any]:

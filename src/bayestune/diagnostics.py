@@ -141,7 +141,6 @@ class ChainMonitor:
             local = subset[(subset >= offsets[i]) & (subset < offsets[i + 1])] - offsets[i]
             if local.numel():
                 self.median_index.append((i, local.to(sampler.device)))
-        self.theta0_views = sampler.layout.views(sampler.theta0_flat)
 
     @torch.no_grad()
     def before_step(self, sampler: Sampler) -> None:
@@ -162,7 +161,7 @@ class ChainMonitor:
         sumsq = torch.zeros((), dtype=torch.float64, device=sampler.device)
         picked, lam_picked = [], []
         chosen = dict(self.median_index)
-        for i, (p, theta0, lam) in enumerate(zip(sampler.params, self.theta0_views,
+        for i, (p, theta0, lam) in enumerate(zip(sampler.params, sampler.theta0s,
                                                  sampler.lams, strict=True)):
             grad = prior.grad_lambda(p.detach(), theta0, lam.detach())
             sumsq += torch.linalg.vector_norm(grad).double().square()

@@ -226,21 +226,6 @@ def load_traces(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return _load_tensors(path, "chain-traces")
 
 
-def read_checkpoint_running_mean(path: PathLike, state: Mapping[str, Any]) -> torch.Tensor | None:
-    """The posterior mean so far (flat, float32) of a sampler checkpoint; None before the
-    first sample."""
-    from bayestune.running_stats import RunningStats
-
-    if not state.get("count"):
-        return None
-    stats = RunningStats(sum(math.prod(s) for s in state["shapes"]), in_memory=True,
-                         variance=False)
-    dtype = torch.bfloat16 if state.get("precision") == "bf16" else torch.float32
-    with open_checkpoint_attachment(path, state["stats"][0]) as stream:
-        stats.load(0, stream, Path(path), dtype)
-    return stats.region(0)
-
-
 # --- score file: any per-parameter ranking score (baselines) --------------------------------
 def save_scores(path: PathLike, scores: Tensors, meta: dict) -> None:
     _save_tensors(Path(path), scores, "scores", meta)

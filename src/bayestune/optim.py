@@ -136,14 +136,12 @@ class LengthRule:
     best: float | None = None
     best_step: int = 0
     since_best: int = 0
-    evaluations: int = 0
 
     def due(self, steps: int) -> bool:
         return (steps + 1) % self.eval_every == 0
 
     def record(self, score: float, steps: int) -> bool:
-        """Count one evaluation; True when it is the best so far."""
-        self.evaluations += 1
+        """Count one evaluation towards patience; True when it is the best so far."""
         if better(score, self.best):
             self.best, self.best_step, self.since_best = score, steps, 0
             return True

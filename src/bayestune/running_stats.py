@@ -20,6 +20,8 @@ from torch import Tensor
 from bayestune import files
 
 STATS_BLOCK = 1 << 16  # scalars per block of the update (and its I/O)
+# How a checkpoint stores the running statistics, by checkpoint_precision.
+STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class RunningStats:

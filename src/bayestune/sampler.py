@@ -57,7 +57,7 @@ from bayestune.optim import (
     schedule_length,
 )
 from bayestune.prior import FLOOR_GRADIENTS, FlatLayout, LaplaceGammaPrior
-from bayestune.running_stats import RunningStats
+from bayestune.running_stats import STORED_DTYPES, RunningStats
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +410,7 @@ class Sampler:
         self.theta0_flat = self.layout.flatten(self.params)
         self.lam_flat = torch.full_like(self.theta0_flat, config.lambda_init)
         self.lams = self.layout.views(self.lam_flat)  # per parameter, for names in errors
+        self.theta0s = self.layout.views(self.theta0_flat)  # views: no memory of their own
         self.fused = config.fused_step
         if self.fused:
             # The hot path works piece by piece; lambda's pieces are what its optimiser
@@ -420,7 +421,6 @@ class Sampler:
                                self.layout.flat_pieces(self.lam_flat)]
             self.blocks = self.layout.groups(CPU_BLOCK if on_cpu else GPU_BLOCK)
         else:
-            self.theta0s = self.layout.views(self.theta0_flat)
             self.lam_params = [v.requires_grad_() for v in self.lams]
         self.opt_theta, self.opt_lams = self._optimisers()
         self.schedule = (jiant_schedule(self.opt_theta, epochs=config.schedule_epochs,
@@ -630,12 +630,7 @@ class Sampler:
                         self.record_sample()
                 self._step_lambda(self.lam_params, lam_grads,
                                   self.opt_lams[0] if self.opt_lams else None)
-            if self.opt_theta is not None:
-                self.opt_theta.step()
-            else:
-                for p in self.params:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-config.lr_theta)
+            self._update(self._grads(fill_missing=False))
             if self.schedule is not None:
                 self.schedule.step()
         self._zero_grads()
@@ -794,14 +789,14 @@ class Sampler:
             return state, None
         sampled = set(self.names)
         delta = [(p.detach() - t0).to(torch.bfloat16)
-                 for p, t0 in zip(self.params, self.layout.views(self.theta0_flat), strict=True)]
+                 for p, t0 in zip(self.params, self.theta0s, strict=True)]
         return {k: v for k, v in state.items() if k not in sampled}, delta
 
     def attachments(self) -> dict[str, Callable[[BinaryIO], None]]:
         """Writers of the running statistics, streamed into the checkpoint file."""
         if self.stats is None:
             return {}
-        dtype = _STORED_DTYPES[self.config.checkpoint_precision]
+        dtype = STORED_DTYPES[self.config.checkpoint_precision]
         return {name: self.stats.writer(k, dtype) for k, name in enumerate(self.stats.regions)}
 
     def save_checkpoint(self, path: Path, seed: int) -> None:
@@ -833,7 +828,7 @@ class Sampler:
         if state["count"] > 0:
             self.stats = self._new_stats()
             self.stats.count = state["count"]
-            dtype = _STORED_DTYPES[state["precision"]]
+            dtype = STORED_DTYPES[state["precision"]]
             for k, name in enumerate(state["stats"]):
                 with files.open_checkpoint_attachment(path, name) as stream:
                     self.stats.load(k, stream, path, dtype)
@@ -846,12 +841,11 @@ class Sampler:
         if not set(missing) <= set(self.names):
             raise files.FileFormatError(f"{path}: the checkpoint lacks {sorted(missing)[0]}; "
                                         "delete it to start over")
-        for p, t0, delta in zip(self.params, self.layout.views(self.theta0_flat),
+        for p, t0, delta in zip(self.params, self.theta0s,
                                 state["theta_delta"], strict=True):
             p.copy_(t0 + delta.to(p.device, p.dtype))
 
 
-_STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _rounded(t: Tensor, bf16: bool) -> Tensor:
@@ -1018,11 +1012,11 @@ def _run(sampler: Sampler, batches: Callable[[int], Iterable[dict]],
             for batch in epoch_batches:
                 loss_value = sampler.advance(move_batch(batch, dev))
                 score = sampler.check_length(validate)
-                losses.append(loss_value)
-                if log_every and (score is not None or sampler.step % log_every == 0
-                                  or sampler.finished):
-                    log.info("%s", _log_line(sampler, losses, score))
-                    losses = []
+                if log_every:  # the losses are kept only for the next log line
+                    losses.append(loss_value)
+                    if score is not None or sampler.step % log_every == 0 or sampler.finished:
+                        log.info("%s", _log_line(sampler, losses, score))
+                        losses = []
                 bar.update(1)
                 bar.set_postfix(phase=config.phase(sampler.step - 1), loss=f"{loss_value:.4g}",
                                 refresh=False)
