@@ -11,8 +11,10 @@ to either tokenises again, and :func:`load_data` refuses a cache made for anothe
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,16 @@ class Example:
 # --- sources ----------------------------------------------------------------------------------
 @dataclass
 class TextSource:
-    """Where a declared task's rows come from, and the identity of that data."""
+    """Where a declared task's rows come from, and the identity of that data. The rows are
+    read on first use: a current token cache needs only the identity."""
 
     name: str          # absolute folder, or "hub:NAME[/SUBSET]"
     data_hash: str     # SHA-256 of the split files, or the Hub splits' datasets fingerprints
-    rows: SplitRows
+    readers: dict[str, Callable[[], tuple[str, list[tables.Row]]] | None]
+
+    @functools.cached_property
+    def rows(self) -> SplitRows:
+        return {split: None if read is None else read() for split, read in self.readers.items()}
 
 
 def _folder_source(task: CustomTask, folder: Path) -> TextSource:
@@ -53,9 +60,13 @@ def _folder_source(task: CustomTask, folder: Path) -> TextSource:
                             f"{', '.join(tables.SUFFIXES)} (task {task.name!r}; name other "
                             "files with the declaration's splits: key)")
     found = [p for p in paths.values() if p is not None]
-    rows: SplitRows = {split: None if p is None else (str(p), tables.read_table(p))
-                       for split, p in paths.items()}
-    return TextSource(str(folder.resolve()), hash_files(found), rows)
+    readers = {split: None if p is None else functools.partial(_read_file, p)
+               for split, p in paths.items()}
+    return TextSource(str(folder.resolve()), hash_files(found), readers)
+
+
+def _read_file(path: Path) -> tuple[str, list[tables.Row]]:
+    return str(path), tables.read_table(path)
 
 
 def _hub_source(task: CustomTask, folder: Path | None) -> TextSource:
@@ -73,24 +84,27 @@ def _hub_source(task: CustomTask, folder: Path | None) -> TextSource:
             f"custom task {task.name!r}: data {task.data!r} is not a folder (looked in "
             f"{Path.cwd()}) and cannot be loaded as a Hugging Face dataset ({err}); give an "
             "existing folder, or a dataset name reachable from this machine") from err
-    rows: SplitRows = {}
+    readers: dict[str, Callable[[], tuple[str, list[tables.Row]]] | None] = {}
     fingerprints = []
     for split in SPLITS:
         name = task.split_name(split, hub=True)
         if name not in loaded:
             if split == "val" and task.val_is_optional():
-                rows[split] = None
+                readers[split] = None
                 continue
             raise TaskError(f"custom task {task.name!r}: dataset {task.data!r} has no split "
                             f"{name!r} (it has {', '.join(loaded)}); map {split} to one of "
                             "them with splits:")
         dataset = loaded[name]
-        rows[split] = (f"hub {task.data} {name}",
-                       tables.hub_rows(task.data, name, dataset, task.label_field))
+        readers[split] = functools.partial(_read_hub_split, task, name, dataset)
         fingerprints.append(f"{name}:{getattr(dataset, '_fingerprint', '')}")
     origin = str(folder.resolve()) if folder is not None else task.data
     source = "hub:" + origin + (f"/{task.subset}" if task.subset else "")
-    return TextSource(source, "/".join(fingerprints), rows)
+    return TextSource(source, "/".join(fingerprints), readers)
+
+
+def _read_hub_split(task: CustomTask, name: str, dataset: Any) -> tuple[str, list[tables.Row]]:
+    return f"hub {task.data} {name}", tables.hub_rows(task.data, name, dataset, task.label_field)
 
 
 def open_source(task: CustomTask) -> TextSource:
