@@ -63,6 +63,9 @@ def test_hours_are_steps_times_measured_cost(tiny_plan) -> None:
     assert all(j.hours == pytest.approx(steps * cpu["adamw"] * scale / 3600) for j in full)
     assert all(j.hours == pytest.approx(steps * cpu["stage2"] * scale / 3600) for j in masked)
     assert tiny_plan.device == "cpu" and "CPU-hours" in format_plan(tiny_plan)
+    # tiny.yaml's jobs take one thread each, so 2 cores run two at once
+    assert {job.threads for job in tiny_plan.jobs if job.steps} == {1}
+    assert tiny_plan.wall_hours(2) == pytest.approx(sum(j.hours for j in tiny_plan.jobs) / 2)
 
 
 def test_paper_plan(paper_plan) -> None:

@@ -39,7 +39,13 @@ from transformers import get_linear_schedule_with_warmup
 from bayestune.errors import ConfigError, DataError
 from bayestune.files import check_matches_model
 from bayestune.models.base import TaskModel, move_batch, resolve_device
-from bayestune.optim import LengthRule, TransformersAdamW, jiant_schedule, no_decay_names
+from bayestune.optim import (
+    LengthRule,
+    TransformersAdamW,
+    jiant_schedule,
+    no_decay_names,
+    schedule_length,
+)
 from bayestune.tasks.base import TaskData, TaskSpec, evaluate, val_scorer
 
 SCHEDULES = ("linear", "reference")
@@ -292,7 +298,7 @@ def _schedule(updater: FullUpdater | MaskedUpdater, config: FinetuneConfig,
     steps_per_epoch = len(data.train)
     scheduler = jiant_schedule(updater.optimizer, epochs=config.epochs,
                                steps_per_epoch=steps_per_epoch, warmup_ratio=config.warmup_ratio)
-    total = config.epochs * steps_per_epoch
+    total = schedule_length(config.epochs, steps_per_epoch)
     return scheduler, min(config.max_steps, total) if config.max_steps else total
 
 

@@ -65,6 +65,7 @@ class PlannedJob:
     steps: int = 0
     hours: float = 0.0
     files: list[PlannedFile] = field(default_factory=list)
+    threads: int = 1
 
 
 @dataclass
@@ -100,6 +101,10 @@ class Plan:
             rows[f.kind]["results"] += f.bytes
             rows[f.kind]["cache"] += f.bytes if f.cached else 0
         return pd.DataFrame([{"kind": kind, **row} for kind, row in rows.items()])
+
+    def wall_hours(self, cores: int) -> float:
+        """Hours on ``cores`` cores with the jobs packed by their threads: a lower bound."""
+        return sum(job.hours * job.threads for job in self.jobs) / cores
 
     @property
     def cache_bytes(self) -> int:
@@ -380,7 +385,8 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     jobs = []
     for dry in dry_jobs:
         args = _parse(parser, dry)
-        job = PlannedJob(rule=dry.rule, command=dry.command, files=file_sizes.files(dry, args))
+        job = PlannedJob(rule=dry.rule, command=dry.command, files=file_sizes.files(dry, args),
+                         threads=dry.threads)
         for kind, steps in job_steps(args) if args is not None else []:
             job.steps += steps
             job.hours += per_step.hours(kind, steps, args.batch_size, tokens, costs["reference"])
@@ -444,10 +450,15 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"stage 1 scratch per running sample job: checkpoint up to "
                      f"{human_bytes(plan.checkpoint_bytes)} (removed at the end), running "
                      f"statistics {human_bytes(plan.running_stats_bytes)} in the temporary folder")
-    lines.append("not counted: evaluation passes, early stopping (max_steps is an upper bound; "
-                 "a run stopped by early stopping alone, as the reference preset and schedule, "
-                 "is counted at its least length, min_steps + 1), logs; LoRA counted as AdamW "
-                 "steps")
+    lines.append("not counted: evaluation passes (unless the measured cost includes them: "
+                 "config/costs.yaml says), job start-up, early stopping (max_steps is an upper "
+                 "bound; a run stopped by early stopping alone, as the reference preset and "
+                 "schedule, is counted at its least length, min_steps + 1), logs; LoRA counted "
+                 "as AdamW steps")
+    if plan.device == "cpu":
+        cores = os.cpu_count() or 1
+        lines.append(f"wall time on this machine's {cores} cores, jobs packed by their threads "
+                     f"(a lower bound): {plan.wall_hours(cores) * 60:.0f} min")
     if plan.device == "cuda":
         lines.append(f"local run on a machine with G GPUs: snakemake --cores all --resources "
                      f"gpu=<G x {plan.jobs_per_gpu}> (jobs_per_gpu {plan.jobs_per_gpu})")

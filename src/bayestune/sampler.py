@@ -190,9 +190,9 @@ class SamplerConfig:
         "help": "steps between checkpoints when a checkpoint path is given (0 = only at the end)"})
     checkpoint_precision: str = field(default="fp32", metadata={
         "help": "fp32: a resumed run is bit-identical to an uninterrupted one (checkpoint up to "
-                "7x the model); bf16: theta's change from theta0, lambda, the optimiser "
-                "moments and the running mean rounded to bf16 (up to 3.5x the model; the "
-                "resumed chain differs by that rounding)",
+                "7x the model, 8x with `variance`); bf16: theta's change from theta0, lambda, "
+                "the optimiser moments and the running mean rounded to bf16 (up to 3.5x the "
+                "model, 4x with `variance`; the resumed chain differs by that rounding)",
         **_choices(*CHECKPOINT_PRECISIONS)})
     variance: bool = field(default=False, metadata={
         "help": "also keep lambda's running M2 for the posterior variance (one more "
@@ -739,9 +739,9 @@ class Sampler:
     # In model-sized buffers (fp32 / bf16): the model's weights (1 / 0.5, where bf16 stores
     # theta - theta0) and theta's two AdamW moments (2 / 1); once SGLD has moved lambda, lambda
     # and its two Adam moments (3 / 1.5); once samples are recorded, the running mean (1 / 0.5)
-    # and, with `variance`, M2 (1 / 0.5). So at most 7x (fp32) or 3.5x (bf16) the model. theta0
-    # is never stored: the resuming run rebuilds it from the model source and checks it by its
-    # fingerprint. Bit-identical resuming needs every other fp32 value, hence 7x.
+    # and, with `variance`, M2 (1 / 0.5). So at most 7x (fp32) or 3.5x (bf16) the model, 8x /
+    # 4x with M2. theta0 is never stored: the resuming run rebuilds it from the model source
+    # and checks it by its fingerprint. Bit-identical resuming needs every other fp32 value.
     def theta0_fingerprint(self) -> str:
         """A hash of theta0's bytes (computed once: theta0 never changes)."""
         if self._theta0_fingerprint is None:
