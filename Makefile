@@ -71,8 +71,11 @@ lint: install
 
 # -rs prints why a test was skipped (the SLURM test needs root and apt-get or Debian's slurm
 # packages; where it runs it prints the jobs it submitted and its wall time).
+# Two test processes, each test file in one of them (files share fixtures, e.g. a prepared
+# workflow copy); TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 demo: install
 	$(check_glue_source)

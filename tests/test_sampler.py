@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from bayestune import files
 from bayestune import running_stats as running_stats_module
 from bayestune import sampler as sampler_module
+from bayestune.noise import BlockNoise
 from bayestune.running_stats import RunningStats
 from bayestune.sampler import (
     Sampler,
@@ -218,6 +219,24 @@ def test_block_loop_leaves_the_thread_count_as_it_found_it():
     threads = torch.get_num_threads()
     run(small_config(steps=12, burnin_steps=10))
     assert torch.get_num_threads() == threads
+
+
+def test_noise_drawn_ahead_on_a_spare_core_is_the_serial_chain(monkeypatch):
+    # With a second thread a worker draws each block's noise one block early; one thread makes
+    # every draw, in the same order, so the chain is the one-thread chain bit for bit.
+    monkeypatch.setattr(sampler_module, "CPU_PIECE", 5)   # a block per piece of 5 scalars
+    monkeypatch.setattr(sampler_module, "CPU_BLOCK", 5)
+    config = small_config()
+    serial = run(config)
+    calls = []
+    original = BlockNoise._ahead
+    monkeypatch.setattr(BlockNoise, "_ahead", lambda self: calls.append(1) or original(self))
+    torch.set_num_threads(2)
+    ahead = run(config)
+    assert len(calls) == config.steps - config.warmup_steps  # every SGLD step went ahead
+    assert ahead.n_samples == serial.n_samples == 5
+    for name in serial.mean:
+        assert torch.equal(ahead.mean[name], serial.mean[name]), name
 
 
 @pytest.mark.parametrize("variant", ["adamw", "sgld"])

@@ -49,6 +49,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from bayestune import files
 from bayestune.errors import ConfigError, DataError, RunFailedError
 from bayestune.models.base import move_batch, resolve_device
+from bayestune.noise import BlockNoise
 from bayestune.optim import (
     LengthRule,
     TransformersAdamW,
@@ -433,6 +434,11 @@ class Sampler:
         c = config.noise_discount
         self.noise_theta = c * math.sqrt(2.0 / (config.temperature * config.lr_theta))
         self.noise_lam = c * math.sqrt(2.0 / (config.temperature * config.lr_lambda))
+        self.block_noise = (BlockNoise(self.noise, [sum(self.layout.piece_sizes[b])
+                                                    for b in self.blocks],
+                                       theta=self.noise_theta > 0, lam=self.noise_lam > 0,
+                                       device=device, dtype=self.lam_flat.dtype)
+                            if self.fused else None)
         self.use_autocast = config.autocast and device.type == "cuda"
         if config.autocast and not self.use_autocast:
             log.warning("autocast is for CUDA only; running in full precision on %s", device)
@@ -470,9 +476,12 @@ class Sampler:
                             directory=self.scratch_dir, variance=self.config.variance)
 
     def close(self) -> None:
-        """Drop the scratch file of the running statistics (also done when collected)."""
+        """Drop the scratch file of the running statistics (also done when collected) and the
+        noise worker."""
         if self.stats is not None:
             self.stats.close()
+        if self.block_noise is not None:
+            self.block_noise.close()
 
     def _optimisers(self) -> tuple[torch.optim.Optimizer | None, list[torch.optim.Optimizer]]:
         """theta's optimiser and lambda's: one Adam per block in the fused step (each block's
@@ -547,8 +556,10 @@ class Sampler:
             if self.config.grad_clip > 0:  # the data gradient only, as the reference
                 nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
             if sgld:
+                # a spare core draws the noise one block ahead (same values either way)
+                ahead = self.device.type == "cpu" and torch.get_num_threads() > 1
                 with _one_thread_on_cpu(self.device):
-                    self._posterior_terms(grads)
+                    self._posterior_terms(grads, ahead)
             self._update(grads)
         self._zero_grads()
         return loss_value
@@ -566,28 +577,29 @@ class Sampler:
                     p.grad = torch.zeros_like(p)
         return [p.grad for p in self.params if p.grad is not None]
 
-    def _posterior_terms(self, grads: list[Tensor]) -> None:
+    def _posterior_terms(self, grads: list[Tensor], ahead: bool) -> None:
         """Add noise and prior to the theta gradients and step lambda, block by block.
 
         Per block: theta noise, prior, lambda noise, each draw one ``normal_`` of the block's
         size from the sampler's generator (so the stream depends on the blocks, fixed per
-        device type); then the block's lambda takes its step, so that lambda's gradient lives
-        for one block only (and, on the CPU, while it is still in cache). Nothing else reads
-        that block's lambda in this step, so stepping it before theta changes no value.
+        device type; with ``ahead`` a worker thread makes the same draws one block early,
+        :mod:`bayestune.noise`); then the block's lambda takes its step, so that lambda's
+        gradient lives for one block only (and, on the CPU, while it is still in cache).
+        Nothing else reads that block's lambda in this step, so stepping it before theta
+        changes no value.
         """
         grad_pieces = self.layout.pieces(grads)
-        for k, block in enumerate(self.blocks):
+        draws = self.block_noise.blocks(ahead)
+        for k, (block, noise) in enumerate(zip(self.blocks, draws, strict=True)):
             sizes = self.layout.piece_sizes[block]
-            noise = torch.empty(sum(sizes), device=self.device, dtype=self.lam_flat.dtype)
-            noise_pieces = list(torch.split(noise, sizes))
             if self.noise_theta > 0:
-                noise.normal_(generator=self.noise)
-                torch._foreach_add_(grad_pieces[block], noise_pieces, alpha=self.noise_theta)
+                torch._foreach_add_(grad_pieces[block], list(torch.split(noise.theta(), sizes)),
+                                    alpha=self.noise_theta)
             lam_grad = self.prior.add_grads_(self.theta_pieces[block], self.theta0_pieces[block],
                                              self.lam_params[block], grad_pieces[block])
             if self.noise_lam > 0:
-                noise.normal_(generator=self.noise)
-                torch._foreach_add_(lam_grad, noise_pieces, alpha=self.noise_lam)
+                torch._foreach_add_(lam_grad, list(torch.split(noise.lam(), sizes)),
+                                    alpha=self.noise_lam)
             self._step_lambda(self.lam_params[block], lam_grad,
                               self.opt_lams[k] if self.opt_lams else None)
 
