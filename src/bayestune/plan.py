@@ -459,7 +459,7 @@ def format_plan(plan: Plan) -> str:
         cores = os.cpu_count() or 1
         lines.append(f"wall time on this machine's {cores} cores, jobs packed by their threads "
                      f"(a lower bound): {plan.wall_hours(cores) * 60:.0f} min")
-    if plan.device == "cuda":
+    elif plan.device == "cuda":
         lines.append(f"local run on a machine with G GPUs: snakemake --cores all --resources "
                      f"gpu=<G x {plan.jobs_per_gpu}> (jobs_per_gpu {plan.jobs_per_gpu})")
     return "\n".join(lines)
