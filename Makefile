@@ -127,8 +127,10 @@ endif
 
 gpu-carry: .carry/minilm/model.safetensors
 
+# CARRY_MODEL: the model written there (the tests carry a tiny encoder of MiniLM's family).
+CARRY_MODEL ?= minilm
 .carry/minilm/model.safetensors:
-	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bayestune carry-model --model minilm --out .carry/minilm
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bayestune carry-model --model $(CARRY_MODEL) --out .carry/minilm
 
 gpu-jobs: gpu-carry
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bayestune render-jobs --configfile $(GPU_CONFIG) --out $(GPU_JOBS)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from shared_runs import tiny_encoder
 from task_data import write_reviews
 from test_workflow import job_counts
 
@@ -106,9 +107,11 @@ def test_bad_declaration_fails_the_schema_when_the_workflow_starts(workdir):
 
 
 @pytest.mark.slow
-def test_worked_example_from_csv_folder_to_table_and_figures(tmp_path):
+def test_worked_example_from_csv_folder_to_table_and_figures(tmp_path, tmp_path_factory):
     run = workdir_with_data(tmp_path)
-    config = edited_config(run, "reviews-tiny.yaml", **TINY)
+    # the plumbing on the tiny encoder of MiniLM's family (the demo runs the real one)
+    tiny = {**TINY, "model": str(tiny_encoder(tmp_path_factory))}
+    config = edited_config(run, "reviews-tiny.yaml", **tiny)
     result = snakemake(run, "--cores", "2", "--configfile", config)
     logs = "\n".join(f"{p}:\n{p.read_text()[-1500:]}" for p in (run / "results").rglob("*.log"))
     assert result.returncode == 0, result.stderr[-4000:] + logs
@@ -142,6 +145,6 @@ def test_worked_example_from_csv_folder_to_table_and_figures(tmp_path):
     # the declaration changes (another metric), the data does not: the same
     declaration = {**yaml.safe_load((run / config).read_text())["custom_tasks"]["reviews"],
                    "metric": "macro_f1"}
-    edited_config(run, config, **TINY, custom_tasks={"reviews": declaration})
+    edited_config(run, config, **tiny, custom_tasks={"reviews": declaration})
     redeclared = dry_run()
     assert redeclared.get("prepare") == 1 and redeclared.get("finetune") == 3, redeclared

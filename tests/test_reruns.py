@@ -1,4 +1,5 @@
-"""Reruns that are right, on one finished tiny run (one task, one budget, about a minute):
+"""Reruns that are right, on a copy of the session's finished tiny run (two tasks, two
+budgets, two stage-1 presets; tests/shared_runs.py):
 
 * a change to the code a stage runs reruns that stage and what follows, and nothing else;
 * new raw data reruns everything built from it;
@@ -13,7 +14,6 @@ run's own copy of the package and undone after each test.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,32 +23,34 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import BIN, REPO, copy_workflow, job_counts, run_env
+from shared_runs import finished_run, workflow_env
+from test_workflow import job_counts
 
 from bayestune import files, provenance
 
 pytestmark = pytest.mark.slow
 
-# The tables and every figure: one task, so one job each.
-REPORTING = {"report": 1, "task_figures": 1, "score_figure": 1, "val_curves": 1,
-             "paired_figure": 1, "chain_figures": 1, "all": 1}
-# Everything built from the task's data: the random mask reads no data, so it stays.
-FROM_DATA = {"prepare": 1, "sample": 1, "mask_bayestune": 1, "finetune": 3, **REPORTING}
+# The tables and every figure: two tasks, so two of each per-task figure.
+REPORTING = {"report": 1, "task_figures": 2, "score_figure": 1, "val_curves": 2,
+             "paired_figure": 1, "chain_figures": 2, "all": 1}
+# Everything built from one task's data (CB): its token cache, its two chains (exact, cold)
+# and their masks, its five runs, and the reports over it. The random mask reads no data, so
+# it stays; so does everything of the other task.
+FROM_DATA = {"prepare": 1, "sample": 2, "mask_bayestune": 2, "finetune": 5, "report": 1,
+             "task_figures": 1, "score_figure": 1, "val_curves": 1, "paired_figure": 1,
+             "chain_figures": 1, "all": 1}
 
 
 def tiny_config(run: Path, glue_dir: str, **changes) -> Path:
-    config = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
-    config.update(tasks=["cb"], budgets=[0.02], main_budget=0.02, glue_dir=glue_dir, **changes)
+    """The finished run's config with the task data spelled ``glue_dir``."""
+    config = yaml.safe_load((run / "tests/config/tiny_fair.yaml").read_text())
+    config.update(glue_dir=glue_dir, **changes)
     path = run / f"tiny-{len(list(run.glob('tiny-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def environment(**extra: str) -> dict[str, str]:
-    env = run_env(**extra)
-    if "BAYESTUNE_GLUE_DIR" not in extra:
-        env.pop("BAYESTUNE_GLUE_DIR", None)  # the config's glue_dir decides
-    return env
+environment = workflow_env
 
 
 def planned(run: Path, config: Path, *, python: str | Path = sys.executable,
@@ -68,15 +70,11 @@ def planned(run: Path, config: Path, *, python: str | Path = sys.executable,
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, glue_dir) -> tuple[Path, Path]:
-    """The workflow and a copy of the package, run to the end once; the data folder is given
-    relative to the run, as the configs give it."""
-    run = copy_workflow(tmp_path_factory.mktemp("reruns"))
-    shutil.copytree(REPO / "src", run / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    """A copy of the session's finished run (its own package sources, which the tests edit),
+    the data folder given relative to the copy, as the configs give it."""
+    run = finished_run(tmp_path_factory, glue_dir).copy_to(
+        tmp_path_factory.mktemp("reruns") / "run")
     config = tiny_config(run, os.path.relpath(glue_dir, run))
-    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2", "--configfile", str(config)],
-                            cwd=run, env=environment(), capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert planned(run, config) == {}
     return run, config
 
@@ -95,8 +93,9 @@ def test_editing_the_sampler_reruns_stage_one_and_what_follows_only(finished):
     run, config = finished
     with edited(run / "src/bayestune/sampler.py"):
         counts = planned(run, config)
-    # bayestune's mask and run; the random mask, the random and full runs and prepare stay.
-    assert counts == {"sample": 1, "mask_bayestune": 1, "finetune": 1, **REPORTING}
+    # bayestune's chains, masks and runs; the random masks, the random and full runs and
+    # prepare stay.
+    assert counts == {"sample": 4, "mask_bayestune": 4, "finetune": 4, **REPORTING}
 
 
 def test_editing_the_reports_reruns_only_the_report_rules(finished):
@@ -111,13 +110,14 @@ def test_editing_fine_tuning_reruns_every_fine_tuning_run(finished):
     with edited(run / "src/bayestune/finetune.py"):
         counts = planned(run, config)
     # The figures share the report's modules (reports.py -> sweep.py -> finetune.py).
-    assert counts == {"finetune": 3, **REPORTING}
+    assert counts == {"finetune": 10, **REPORTING}
 
 
 def test_new_raw_data_reruns_everything_built_from_it(finished, glue_dir, tmp_path):
     run, config = finished
     changed = tmp_path / "glue" / "cb"
     changed.mkdir(parents=True)
+    (tmp_path / "glue" / "copa").symlink_to(glue_dir / "copa", target_is_directory=True)
     for split in ("train", "test"):
         (changed / f"{split}.jsonl").symlink_to(glue_dir / "cb" / f"{split}.jsonl")
     rows = (glue_dir / "cb" / "val.jsonl").read_text().splitlines(keepends=True)
@@ -169,6 +169,8 @@ def test_finished_run_records_provenance(finished):
                                      "delta.safetensors")
     assert delta_meta["provenance"] == record
     table = pd.read_csv(results / "glue_provenance.csv")
-    assert len(table) == 3 + 2 + 1  # three runs, bayestune's and random's masks, one scale file
+    # a row per run (ten), per mask of a masked run (eight) and per bayestune run's scale file
+    assert len(table) == 10 + 8 + 4
+    assert table.groupby("stage").size().to_dict() == {"finetune": 10, "mask": 8, "scales": 4}
     markdown = (results / "glue_table.md").read_text()
     assert "## Provenance" in markdown and "Warning" not in markdown

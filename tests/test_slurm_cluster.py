@@ -25,13 +25,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from shared_runs import BIN, REPO, copy_workflow, run_env, tiny_encoder, write_config
 from slurm.local_cluster import LocalSlurm, install_packages, why_it_cannot_run
-from test_workflow import BIN, REPO, copy_workflow, run_env, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 RUN_LIMIT_S = 900  # a guard against a hung run, not a speed goal (it prints its wall time)
-SAMPLER_STEPS, CHECKPOINT_EVERY = 30, 5  # long enough to be caught running after a checkpoint
+# On the tiny encoder (milliseconds a step): long enough to be caught running after a checkpoint
+SAMPLER_STEPS, CHECKPOINT_EVERY = 600, 50
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+?)/"
                        r"(?:(\S+)/)?\d+\.log\)")
 
@@ -127,11 +128,12 @@ def test_a_request_larger_than_the_node_is_refused(cluster, tmp_path, glue_dir):
 
 
 def test_tiny_run_with_a_cancelled_sampler(cluster, packages_installed_in, tmp_path, glue_dir,
-                                           capsys):
+                                           tmp_path_factory, capsys):
     run = copy_workflow(tmp_path / "run")
     tiny = run / "tests/config/tiny.yaml"
     config = write_config(
         run / "cluster.yaml", tiny, tasks=["cb"], methods=["bayestune", "full"],
+        model=str(tiny_encoder(tmp_path_factory)),
         budgets=[0.005],
         sampler={**yaml.safe_load(tiny.read_text())["sampler"], "steps": SAMPLER_STEPS,
                  "checkpoint_every": CHECKPOINT_EVERY},

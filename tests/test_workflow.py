@@ -13,53 +13,31 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from shared_runs import (
+    BIN,
+    TINY_TUNING,
+    copy_workflow,
+    dvc,
+    finished_run,
+    run_env,
+    tiny_encoder,
+    write_config,
+)
 
 from bayestune.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: snakemake, dvc and bayestune live there
-WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".dvcignore",
-                  "tests/config"]
 GLUE_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
 ALL_METHODS = {"bayestune", "full", "random", "bitfit", "magnitude", "lt-sft", "fisher", "sam",
                "lora"}
-# The fair protocol at its smallest: two candidates per method, bayestune's two presets.
-TINY_TUNING = {"candidates": 2, "grid": {
-    "default": [{"lr": 1e-3}, {"lr": 3e-3}], "full": [{"lr": 5e-5}, {"lr": 2e-4}],
-    "bayestune": [{"preset": "exact", "lr": 1e-3}, {"preset": "cold", "lr": 1e-3}]}}
-
-
-def copy_workflow(dst: Path) -> Path:
-    """The workflow without results: runs in tests never touch the repository's own folders."""
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
-    return dst
-
-
-def run_env(glue_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("SNAKEMAKE_PROFILE", None)
-    if glue_dir is not None:
-        env["BAYESTUNE_GLUE_DIR"] = str(glue_dir)
-    env.update(extra)
-    return env
 
 
 def snakemake(cwd: Path, *args: str, env: dict[str, str] | None = None,
@@ -79,13 +57,6 @@ def job_counts(output: str) -> dict[str, int]:
             break
         counts[parts[0]] = int(parts[1])
     return counts
-
-
-def write_config(path: Path, base: Path, **changes) -> Path:
-    config = yaml.safe_load(base.read_text())
-    config.update(changes)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 # --- dry runs of the paper's configs -----------------------------------------------------------
@@ -333,44 +304,17 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
 
 
 # --- end to end through DVC ----------------------------------------------------------------------
-def dvc(cwd: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, glue_dir):
-    """The tiny config with a tuning grid through `dvc repro` once: a copy of dvc.yaml's glue
-    stage, tiny entry."""
-    run = copy_workflow(tmp_path_factory.mktemp("dvc"))
-    write_config(run / "tests/config/tiny_fair.yaml", run / "tests/config/tiny.yaml",
-                 tuning=TINY_TUNING)
-    stages = yaml.safe_load((run / "dvc.yaml").read_text())
-    tiny = {"config": "tests/config/tiny_fair.yaml", "results": "results/tiny",
-            "data": "data/tiny"}
-    stages["stages"]["glue"]["foreach"] = {"tiny": tiny}
-    del stages["stages"]["vtab"]
-    (run / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
-    # DVC hashes the stage's deps: give it the sources (the run itself imports the installed
-    # package, which is this repository's src).
-    shutil.copytree(REPO / "src/bayestune", run / "src/bayestune",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    env = run_env(glue_dir)
-    assert dvc(run, "init", "--no-scm", env=env).returncode == 0
-    started = time.monotonic()
-    first = dvc(run, "repro", "glue@tiny", env=env)
-    seconds = time.monotonic() - started
-    logs = "\n".join(f"{p}:\n{p.read_text()[-1500:]}" for p in (run / "results/tiny/logs").rglob(
-        "*.log")) if first.returncode else ""
-    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:] + logs
-    return run, env, first, seconds
+    """The tiny config with a tuning grid through `dvc repro`, run once per test session (a
+    copy of dvc.yaml's glue stage, tiny entry) and shared with the rerun tests."""
+    return finished_run(tmp_path_factory, glue_dir)
 
 
 @pytest.mark.slow
 def test_tiny_run_writes_tables_and_figures(tiny_run):
-    run, _, _, seconds = tiny_run
-    print(f"tiny run through dvc repro: {seconds:.0f} s")
-    results = run / "results/tiny"
+    print(f"tiny run through dvc repro: {tiny_run.seconds:.0f} s")
+    results = tiny_run.path / "results/tiny"
     table = pd.read_csv(results / "glue_table.csv", dtype={"budget": str})
     rows = set(zip(table.method, table.budget, strict=True))
     assert rows == {("full", "-"), ("bayestune", "0.005"), ("bayestune", "0.02"),
@@ -410,8 +354,9 @@ def test_tiny_run_writes_tables_and_figures(tiny_run):
 
 
 @pytest.mark.slow
-def test_dvc_repro_again_does_nothing(tiny_run):
-    run, env, _, _ = tiny_run
+def test_dvc_repro_again_does_nothing(tiny_run, tmp_path):
+    run = tiny_run.copy_to(tmp_path / "run")
+    env = run_env()
     again = dvc(run, "repro", "glue@tiny", env=env)
     assert again.returncode == 0, again.stderr
     assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
@@ -425,11 +370,14 @@ def test_dvc_repro_again_does_nothing(tiny_run):
 
 # --- resume after a kill ------------------------------------------------------------------------
 @pytest.mark.slow
-def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, glue_dir):
+def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, tmp_path_factory, glue_dir):
     run = copy_workflow(tmp_path / "run")
     tiny = yaml.safe_load((run / "tests/config/tiny.yaml").read_text())
+    # Enough steps on the tiny encoder that the kill lands well before the end.
+    steps, every = 600, 8
     config = write_config(run / "resume.yaml", run / "tests/config/tiny.yaml", tasks=["cb"],
-                          sampler={**tiny["sampler"], "steps": 24, "checkpoint_every": 8})
+                          model=str(tiny_encoder(tmp_path_factory)),
+                          sampler={**tiny["sampler"], "steps": steps, "checkpoint_every": every})
     target = "results/tiny/scales/exact/cb/seed0.safetensors"
     command = [str(BIN / "snakemake"), target, "--cores", "1", "--rerun-incomplete",
                "--configfile", str(config)]
@@ -450,6 +398,7 @@ def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, glue_dir):
     assert second.returncode == 0, second.stdout[-3000:] + first[-2000:]
     log = (run / "results/tiny/logs/sample/exact/cb/seed0.log").read_text()
     resumed = re.search(r"resum\w*\b.*?\bstep (\d+)", log)
-    assert resumed and int(resumed.group(1)) in (8, 16), log[-2000:]
+    assert resumed and int(resumed.group(1)) % every == 0 and int(resumed.group(1)) < steps, \
+        log[-2000:]
     assert (run / target).exists() and not checkpoint.exists()
     assert job_counts(second.stdout + second.stderr) == {"sample": 1, "total": 1}  # not prepare

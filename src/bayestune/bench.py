@@ -108,23 +108,22 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def _full_step(model, batch, device) -> tuple[Callable[[], None], dict]:
-    from transformers import get_linear_schedule_with_warmup
-
     from bayestune.finetune import FinetuneConfig, make_updater, train_step
+    from bayestune.optim import linear_schedule_with_warmup
 
     config = FinetuneConfig()
     updater = make_updater(model, None, config)
-    scheduler = get_linear_schedule_with_warmup(updater.optimizer, 0, 10_000)
+    scheduler = linear_schedule_with_warmup(updater.optimizer, 0, 10_000)
     return lambda: train_step(model, batch, updater, scheduler, config, device), {
         "n_trainable": updater.n_trainable}
 
 
 def _stage2_step(model, batch, device, workdir: Path) -> tuple[Callable[[], None], dict]:
     from safetensors.torch import save_file
-    from transformers import get_linear_schedule_with_warmup
 
     from bayestune.finetune import FinetuneConfig, make_updater, train_step
     from bayestune.masks import masks_from_scores
+    from bayestune.optim import linear_schedule_with_warmup
 
     # theta0 goes to disk, not memory: it is also the full-state file the delta is compared to
     save_file({n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()},
@@ -136,7 +135,7 @@ def _stage2_step(model, batch, device, workdir: Path) -> tuple[Callable[[], None
     config = FinetuneConfig()
     updater = make_updater(model, mask, config)
     del mask
-    scheduler = get_linear_schedule_with_warmup(updater.optimizer, 0, 10_000)
+    scheduler = linear_schedule_with_warmup(updater.optimizer, 0, 10_000)
     return lambda: train_step(model, batch, updater, scheduler, config, device), {
         "n_trainable": updater.n_trainable}
 

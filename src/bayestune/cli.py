@@ -97,6 +97,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                  custom_tasks=declared_tasks(args))
 
 
+def cmd_cut_vocabulary(args: argparse.Namespace) -> None:
+    from bayestune import files
+    from bayestune.models.derive import restrict_vocabulary
+    from bayestune.models.text import resolve_model_path
+    from bayestune.tasks import used_token_ids
+
+    used = used_token_ids(args.tasks, args.model, args.data_dir, declared_tasks(args))
+    files.replace_folder(args.out_dir, lambda tmp: restrict_vocabulary(
+        resolve_model_path(args.model), used, tmp))
+    log.info("%s: %s with the %d tokens of %s", args.out_dir, args.model, len(used),
+             ", ".join(args.tasks))
+
+
 def _model_and_data(args: argparse.Namespace):
     from bayestune.tasks import build_task_model, get_task, load_task_data
 
@@ -604,6 +617,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "$BAYESTUNE_VTAB_DIR); a declared task names its own")
     p.add_argument("--max-length", type=int, default=128)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("cut-vocabulary", help="a text model with only the tokens that tasks' "
+                                              "data uses (smaller embeddings, same splits)")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK")
+    p.add_argument("--task-file", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", required=True, help="model name, alias or folder to cut")
+    p.add_argument("--out-dir", type=Path, required=True, help="model folder to write")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="local task data (default: $BAYESTUNE_GLUE_DIR)")
+    p.set_defaults(func=cmd_cut_vocabulary)
 
     p = sub.add_parser("sample", help="stage 1: SGLD sampling of the scales lambda")
     _common(p)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -77,6 +78,25 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_folder(path: PathLike, build: Callable[[Path], object]) -> Path:
+    """Write folder ``path`` whole: ``build(tmp)`` fills a temporary folder beside it, which
+    then takes the place of the old one, so a killed build leaves the old folder or none,
+    never half of a new one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_writer()}.", dir=target.parent))
+    old = target.with_name(f".{target.name}.{_writer()}.old")
+    try:
+        build(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def remove_stale_temporaries(path: PathLike) -> list[Path]:

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from bayestune.errors import ConfigError, DataError
 from bayestune.files import check_matches_model
@@ -43,6 +42,7 @@ from bayestune.optim import (
     LengthRule,
     TransformersAdamW,
     jiant_schedule,
+    linear_schedule_with_warmup,
     no_decay_names,
     schedule_length,
 )
@@ -292,7 +292,7 @@ def _schedule(updater: FullUpdater | MaskedUpdater, config: FinetuneConfig,
               data: TaskData) -> tuple[torch.optim.lr_scheduler.LRScheduler, int]:
     """The learning-rate schedule and the most steps the run may take."""
     if config.schedule == "linear":
-        return get_linear_schedule_with_warmup(
+        return linear_schedule_with_warmup(
             updater.optimizer, int(config.warmup_ratio * config.max_steps),
             config.max_steps), config.max_steps
     steps_per_epoch = len(data.train)

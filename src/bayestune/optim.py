@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_linear_schedule_with_warmup
 
 from bayestune.errors import DataError
 
@@ -82,6 +81,22 @@ class TransformersAdamW(torch.optim.Optimizer):
                 torch._foreach_add_(params, params, alpha=-lr * group["weight_decay"])
 
 
+def linear_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                                total_steps: int) -> LambdaLR:
+    """transformers' ``get_linear_schedule_with_warmup``: the rate rises linearly from 0 to its
+    value over ``warmup_steps``, then falls linearly to 0 at ``total_steps``.
+
+    Written here because importing it from transformers loads its trainer (about 5 s per
+    process, paid by every job); tests/test_optim.py checks it against the original.
+    """
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return LambdaLR(optimizer, factor)
+
+
 def schedule_length(epochs: int, steps_per_epoch: int) -> int:
     """jiant's t_total: the step at which the ramp reaches 0."""
     return int(epochs * steps_per_epoch)
@@ -95,7 +110,7 @@ def jiant_schedule(optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_e
         raise DataError(f"steps_per_epoch={steps_per_epoch}: the jiant schedule needs the "
                         "number of batches in an epoch (is the training split empty?)")
     total = schedule_length(epochs, steps_per_epoch)
-    return get_linear_schedule_with_warmup(optimizer, int(total * warmup_ratio), total)
+    return linear_schedule_with_warmup(optimizer, int(total * warmup_ratio), total)
 
 
 def no_decay_names(model: nn.Module) -> set[str]:

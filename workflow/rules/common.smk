@@ -46,6 +46,10 @@ SEEDS = list(config["seeds"])
 BUDGETS = list(config["budgets"])
 MAIN_BUDGET = config["main_budget"]
 METHODS = list(config["methods"])
+# The model every job reads: the config's, or its cut to the tokens of the run's tasks (config
+# key model_vocabulary), which rule cut_vocabulary writes once.
+CUT_MODEL = f"{PREP}/model"
+MODEL = CUT_MODEL if config["model_vocabulary"] == "tasks" else config["model"]
 
 # Method names come from the package's registry (bayestune.methods.registry), nowhere else.
 BUDGETED = [m for m, spec in REGISTRY.items() if spec.kind == _BUDGETED]  # a mask per budget
@@ -160,7 +164,8 @@ def gpu_slot_flags(uses_gpu=True):
 # which Snakemake does not compare: moving the venv or turning on `progress` reruns nothing.
 CODE = {
     command: command_code_hash(command)
-    for command in ("prepare", "sample", "mask", "finetune", "report", "figures", "diagnose")
+    for command in ("prepare", "sample", "mask", "finetune", "report", "figures", "diagnose",
+                    "cut-vocabulary")
 }
 _DATA_ENV, _DATA_KEY = (
     ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
@@ -297,6 +302,8 @@ def mask_budgets(method):
 def mask_inputs(wildcards):
     """What a mask method reads: bayestune the scale file, gradient methods the task data."""
     inputs = {}
+    if MODEL == CUT_MODEL:  # a method that reads no task data still builds the model
+        inputs["model"] = CUT_MODEL
     if wildcards.method == "bayestune":
         inputs["scores"] = scale_file(wildcards.preset, wildcards.task, wildcards.seed)
     if wildcards.method in GRADIENT:
@@ -305,7 +312,8 @@ def mask_inputs(wildcards):
 
 
 def mask_options(wildcards):
-    options = [f"--{kind} {path}" for kind, path in mask_inputs(wildcards).items()]
+    options = [f"--{kind} {path}" for kind, path in mask_inputs(wildcards).items()
+               if kind != "model"]
     if wildcards.method in STARTED:
         options.append(f"--start-out {start_file(wildcards.method, wildcards.task, wildcards.seed)}")
     return " ".join(options)

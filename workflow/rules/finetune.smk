@@ -12,7 +12,7 @@ rule finetune:
         f"{RES}/logs/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}.log",
     params:
         code=CODE["finetune"],
-        model=config["model"],
+        model=MODEL,
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
         out_dir=lambda wc: run_dir(wc.method, wc.task, wc.label, wc.seed),

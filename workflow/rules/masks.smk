@@ -14,7 +14,7 @@ rule mask:
         f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
         code=CODE["mask"],
-        model=config["model"],
+        model=MODEL,
         device=config["device"],
         gpu_slots=lambda wc: gpu_slot_flags(wc.method in GRADIENT),
         budgets=budgets_flag(BUDGETS),

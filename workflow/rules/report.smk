@@ -27,7 +27,7 @@ rule report:
     params:
         code=CODE["report"],
         benchmark=BENCH,
-        model=config["model"],
+        model=MODEL,
         main_budget=budgets_flag([MAIN_BUDGET]),
         out_dir=lambda wildcards, output: os.path.dirname(output.table),
     threads: 1

@@ -15,7 +15,7 @@ rule sample:
         f"{RES}/logs/sample/{{preset}}/{{task}}/seed{{seed}}.log",
     params:
         code=CODE["sample"],
-        model=config["model"],
+        model=MODEL,
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
         checkpoint=lambda wc: checkpoint_file(wc.preset, wc.task, wc.seed),

@@ -14,33 +14,10 @@ names, kinds and defaults of all of them are in ``registry``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import importlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
-
-from bayestune.methods.config import (
-    Batches,
-    LossFn,
-    Mask,
-    MaskMethod,
-    Masks,
-    MethodConfig,
-    method_settings,
-    ranking_options,
-)
-from bayestune.methods.fixed import bitfit_masks, full_masks
-from bayestune.methods.gradient import fisher_masks, fisher_scores, sam_masks, sam_scores
-from bayestune.methods.lora import (
-    LORA_PRESETS,
-    LoraSettings,
-    lora_trainable_fraction,
-    merge_lora,
-    wrap_lora,
-)
-from bayestune.methods.lt_sft import lt_sft_masks, lt_sft_scores
-from bayestune.methods.magnitude import magnitude_masks, magnitude_scores
-from bayestune.methods.overlap import mask_overlap
-from bayestune.methods.random_mask import random_masks, random_scores
 from bayestune.methods.registry import (
     REGISTRY,
     UNMASKED,
@@ -50,7 +27,11 @@ from bayestune.methods.registry import (
     method_names,
     published_label,
 )
-from bayestune.methods.scales import bayestune_masks
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from bayestune.methods.config import Batches, LossFn, MaskMethod, Masks, MethodConfig
 
 __all__ = [
     "LORA_PRESETS", "METHODS", "REGISTRY", "SCORERS", "Batches", "LoraSettings", "LossFn", "Mask",
@@ -59,32 +40,69 @@ __all__ = [
     "method_settings", "published_label", "ranking_options", "select_masks", "wrap_lora",
 ]
 
-_FUNCTIONS: dict[str, MaskMethod] = {
-    "full": full_masks,
-    "bitfit": bitfit_masks,
-    "random": random_masks,
-    "magnitude": magnitude_masks,
-    "lt-sft": lt_sft_masks,
-    "fisher": fisher_masks,
-    "sam": sam_masks,
-    "bayestune": bayestune_masks,
+# Names exported from the method modules, imported on first use: a job (and Snakemake, which
+# reads the registry) then loads only the methods it runs. Importing every method at once costs
+# seconds per process and would put every method's code into every stage's rerun key.
+_EXPORTS = {
+    **dict.fromkeys(("Batches", "LossFn", "Mask", "MaskMethod", "Masks", "MethodConfig",
+                     "method_settings", "ranking_options"), "config"),
+    **dict.fromkeys(("LORA_PRESETS", "LoraSettings", "lora_trainable_fraction", "merge_lora",
+                     "wrap_lora"), "lora"),
+    "mask_overlap": "overlap",
 }
-# Every registered method except the adapters has a mask function (full's is all ones), in
-# the registry's order.
-METHODS: dict[str, MaskMethod] = {name: _FUNCTIONS[name] for name in REGISTRY
-                                  if name in _FUNCTIONS}
-assert set(METHODS) == set(_FUNCTIONS) == {n for n in REGISTRY if n != "lora"}, \
+
+# Every registered method except the adapters has a mask function (full's is all ones).
+_MASK_FUNCTIONS = {
+    "full": ("fixed", "full_masks"),
+    "bitfit": ("fixed", "bitfit_masks"),
+    "random": ("random_mask", "random_masks"),
+    "magnitude": ("magnitude", "magnitude_masks"),
+    "lt-sft": ("lt_sft", "lt_sft_masks"),
+    "fisher": ("gradient", "fisher_masks"),
+    "sam": ("gradient", "sam_masks"),
+    "bayestune": ("scales", "bayestune_masks"),
+}
+# The per-scalar score each ranked method computes (higher = trained first).
+_SCORE_FUNCTIONS = {
+    "random": ("random_mask", "random_scores"),
+    "magnitude": ("magnitude", "magnitude_scores"),
+    "lt-sft": ("lt_sft", "lt_sft_scores"),
+    "fisher": ("gradient", "fisher_scores"),
+    "sam": ("gradient", "sam_scores"),
+}
+assert set(_MASK_FUNCTIONS) == set(REGISTRY) - {"lora"}, \
     "the registry and the mask functions must name the same methods"
 
-ScoreFn = Callable[[nn.Module, Batches | None, LossFn, int, MethodConfig], dict[str, Tensor]]
-# The per-scalar score each ranked method computes (higher = trained first).
-SCORERS: dict[str, ScoreFn] = {
-    "random": random_scores,
-    "magnitude": magnitude_scores,
-    "lt-sft": lt_sft_scores,
-    "fisher": fisher_scores,
-    "sam": sam_scores,
-}
+
+def _load(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+class _LazyFunctions(Mapping):
+    """Method name -> function, in the registry's order; a function's module is imported
+    when the function is first looked up, not when the names are listed."""
+
+    def __init__(self, where: Mapping[str, tuple[str, str]]) -> None:
+        self._where = {name: where[name] for name in REGISTRY if name in where}
+
+    def __getitem__(self, name: str) -> Callable:
+        return _load(*self._where[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+METHODS: Mapping[str, MaskMethod] = _LazyFunctions(_MASK_FUNCTIONS)
+SCORERS: Mapping[str, Callable] = _LazyFunctions(_SCORE_FUNCTIONS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return _load(_EXPORTS[name], name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_scores(name: str, model: nn.Module, batches: Batches | None, loss_fn: LossFn,
@@ -105,6 +123,6 @@ def select_masks(name: str, model: nn.Module, batches: Batches | None, loss_fn: 
         hint = " (an adapter, not a mask: use wrap_lora)" if spec and spec.kind == UNMASKED else ""
         raise MethodError(f"unknown mask method {name!r}{hint}; mask methods: "
                           f"{', '.join(METHODS)}")
-    return METHODS[name](model, batches, loss_fn, budgets, seed, config or MethodConfig(),
-                         scores=scores)
-
+    if config is None:
+        config = _load("config", "MethodConfig")()
+    return METHODS[name](model, batches, loss_fn, budgets, seed, config, scores=scores)

@@ -19,13 +19,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import get_linear_schedule_with_warmup
 
 from bayestune.masks import masks_from_scores
 from bayestune.methods.common import device_of, seeded, steps_per_epoch, take, working_copy
 from bayestune.methods.config import Batches, LossFn, Masks, MethodConfig, ranking_options
 from bayestune.methods.registry import MethodError
 from bayestune.models.base import move_batch
+from bayestune.optim import linear_schedule_with_warmup
 
 # jiant's optimiser groups (SAM repo, model_setup.create_optimizer): no decay where the name
 # contains one of these.
@@ -50,7 +50,7 @@ def magnitude_start(model: nn.Module, batches: Batches | None, loss_fn: LossFn, 
     if config.magnitude_warmup_epochs > 0 and batches is not None:
         warmup = max(round(config.magnitude_warmup_epochs * steps_per_epoch(batches)), 1)
     # jiant steps the schedule after each update, from 0: the first update has rate 0.
-    schedule = get_linear_schedule_with_warmup(optimizer, warmup, 10 * warmup) if warmup else None
+    schedule = linear_schedule_with_warmup(optimizer, warmup, 10 * warmup) if warmup else None
     device = device_of(work)
     with seeded(seed, device):
         for batch in take(batches, config.magnitude_steps - 1, "magnitude: full fine-tuning"):

@@ -23,15 +23,19 @@ import inspect
 import os
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
 from bayestune.errors import DataError, MissingFileError
 from bayestune.models.base import TaskModel, TaskOutput
+from bayestune.models.derive import derived_model_path, is_layer_cut
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = frozenset({MINILM, "all-MiniLM-L6-v2", "minilm"})
@@ -57,9 +61,14 @@ def _minilm_package_dir() -> str | None:
 
 
 def resolve_model_path(model_name: str) -> str:
-    """A local folder for ``model_name`` when there is one, else the Hub name unchanged."""
+    """A local folder for ``model_name`` when there is one, else the Hub name unchanged.
+
+    ``minilm-l<k>`` names the offline MiniLM's first k layers, cut on first use
+    (:mod:`bayestune.models.derive`)."""
     if os.path.isdir(model_name):
         return model_name
+    if is_layer_cut(model_name):
+        return derived_model_path(model_name, resolve_model_path("minilm"))
     if model_name in MINILM_ALIASES:
         local = _minilm_package_dir()
         if local is not None:
@@ -97,6 +106,8 @@ def _weights_location(path: str) -> str:
 
 def load_tokenizer(model_name: str):
     """The model's fast tokenizer (WSC spans need its character offsets)."""
+    from transformers import AutoTokenizer  # seconds to import: only where a model is built
+
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_name)
     if not tokenizer.is_fast:
         raise ModelNotFoundError(f"model {model_name!r} has no fast tokenizer; WSC span masks "
@@ -248,6 +259,8 @@ def build_text_model(model_name: str, head: str, num_labels: int, seed: int) -> 
     """Pretrained encoder ``model_name`` (Hub name, alias or folder) with a fresh seeded head."""
     # float32 whatever the checkpoint stores: fp16 weights (a carried copy) would otherwise load
     # as fp16 and train without the precision the optimisers assume.
+    from transformers import AutoModel
+
     encoder = _from_pretrained(
         lambda path: _encoder_from(partial(AutoModel.from_pretrained, dtype=torch.float32), path),
         model_name)
@@ -259,6 +272,8 @@ def build_text_model(model_name: str, head: str, num_labels: int, seed: int) -> 
 def build_text_model_from_config(config: PretrainedConfig, head: str, num_labels: int,
                                  seed: int) -> TaskModel:
     """A randomly initialised encoder of ``config`` (tests, tiny models) with a seeded head."""
+    from transformers import AutoModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = _encoder_from(AutoModel.from_config, config)

@@ -89,3 +89,18 @@ def build_task_model(task: str, model_name: str, seed: int,
     if isinstance(found, CustomTask):
         return custom.build_model(found, model_name, seed)
     return found.build_model(task, model_name, seed)
+
+
+def used_token_ids(tasks: Iterable[str], model_name: str, data_dir: Path | None = None,
+                   custom_tasks: CustomTasks | None = None) -> set[int]:
+    """The token ids that the data of ``tasks`` uses (the vocabulary cut of
+    :mod:`bayestune.models.derive`); built-in GLUE/SuperGLUE tasks only."""
+    from bayestune.tasks import glue
+
+    used: set[int] = set()
+    for task in tasks:
+        if _resolve(task, custom_tasks) is not glue:
+            raise TaskError(f"task {task!r}: the vocabulary cut reads the built-in "
+                            f"GLUE/SuperGLUE tasks only ({', '.join(glue.TASKS)})")
+        used |= glue.token_ids(task, model_name, data_dir)
+    return used

@@ -355,6 +355,18 @@ def tokenize_examples(task: str, examples: list[dict], tokenizer, max_length: in
     return out
 
 
+def token_ids(task: str, model_name: str,
+              data_dir: str | os.PathLike[str] | None = None) -> set[int]:
+    """Every token id of ``model_name``'s tokenizer that ``task``'s three splits use, without
+    truncation (a cut at another length would split the pair differently)."""
+    tokenizer = tokens.tokenizer_for(model_name)
+    used: set[int] = set()
+    for examples in read_splits(task, data_dir).values():
+        batch = tokenize_examples(task, examples, tokenizer, tokenizer.model_max_length)
+        used.update(batch["input_ids"].unique().tolist())
+    return used
+
+
 # --- the four names the dispatcher uses -------------------------------------------------------
 def prepare(task: str, model_name: str, out_dir: str | os.PathLike[str],
             data_dir: str | os.PathLike[str] | None = None, max_length: int = 128) -> Path:

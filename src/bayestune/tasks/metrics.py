@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+# scipy.stats and sklearn.metrics are imported where a score is computed: together they cost
+# about 3 s, which every job and every Snakemake start (through the task registry) would pay.
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -25,20 +26,28 @@ def _classes(logits: np.ndarray) -> list[int]:
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import accuracy_score
+
     return float(accuracy_score(labels, _predictions(logits)))
 
 
 def f1(logits: np.ndarray, labels: np.ndarray) -> float:
     """F1 of class 1 (two classes)."""
+    from sklearn.metrics import f1_score
+
     return float(f1_score(labels, _predictions(logits), zero_division=0))
 
 
 def macro_f1(logits: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import f1_score
+
     return float(f1_score(labels, _predictions(logits), labels=_classes(logits),
                           average="macro", zero_division=0))
 
 
 def matthews(logits: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
     return float(matthews_corrcoef(labels, _predictions(logits)))
 
 
@@ -59,11 +68,15 @@ def _values(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def pearson(logits: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.stats import pearsonr
+
     pair = _values(logits, labels)
     return 0.0 if pair is None else float(pearsonr(*pair)[0])
 
 
 def spearman(logits: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
     pair = _values(logits, labels)
     return 0.0 if pair is None else float(spearmanr(*pair)[0])
 

@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from sklearn.metrics import accuracy_score
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 from bayestune.files import read_json, write_json
 from bayestune.models.base import TaskModel
-from bayestune.models.vision import ModelLoadError, build_vision_model, vision_data_config
 from bayestune.tasks.base import TaskData, TaskError, TaskSpec
+from bayestune.tasks.metrics import accuracy
+
+# Pillow, torchvision and timm (models.vision) are imported by the functions that read images
+# or build a model: the task registry is read by every job and by Snakemake at start-up, and
+# those imports cost seconds.
 
 PREFIX = "vtab-"
 ENV_DATA_DIR = "BAYESTUNE_VTAB_DIR"
@@ -67,7 +67,7 @@ _TABLE = [
 
 
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(accuracy_score(labels, logits.argmax(axis=-1)))
+    return accuracy(logits, labels)
 
 
 FOLDERS: dict[str, str] = {PREFIX + folder: folder for folder, _, _ in _TABLE}
@@ -177,6 +177,8 @@ def image_manifest(model_name: str,
                    splits: Mapping[str, list[tuple[str, int]]]) -> dict[str, Any]:
     """What the image loaders read from a manifest: the model's preprocessing and each
     split's paths and labels."""
+    from bayestune.models.vision import ModelLoadError, vision_data_config
+
     try:
         preprocess = vision_data_config(model_name)
     except ModelLoadError as err:
@@ -187,8 +189,11 @@ def image_manifest(model_name: str,
 
 
 # --- loaders ----------------------------------------------------------------------------------
-def make_transform(preprocess: Mapping[str, Any]) -> transforms.Compose:
+def make_transform(preprocess: Mapping[str, Any]) -> Callable:
     """Resize straight to the input size (no crop, no augmentation, as VTAB-1k does)."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
     _, height, width = preprocess["input_size"]
     return transforms.Compose([
         transforms.Resize((height, width),
@@ -218,6 +223,8 @@ class ImageListDataset(Dataset):
     def _pixels(self, index: int) -> torch.Tensor:
         if self.cache is not None and index in self.cache:
             return self.cache[index]
+        from PIL import Image
+
         with Image.open(self.paths[index]) as image:
             pixels = self.transform(image.convert("RGB"))
         if self.cache is not None:
@@ -272,4 +279,6 @@ def load_data(task: str, prepared_dir: Path, batch_size: int, seed: int,
 
 def build_model(task: str, model_name: str, seed: int) -> TaskModel:
     """The encoder named by ``model_name`` with a fresh head of the task's class count."""
+    from bayestune.models.vision import build_vision_model
+
     return build_vision_model(model_name, NUM_CLASSES[_spec(task).name], seed)
