@@ -46,6 +46,9 @@ SEEDS = list(config["seeds"])
 BUDGETS = list(config["budgets"])
 MAIN_BUDGET = config["main_budget"]
 METHODS = list(config["methods"])
+# The text models' architecture reaches every command that builds a model or tokenises
+# (bayestune.models.text); as a param of those rules, a change reruns them.
+ARCHITECTURE = config["architecture"]
 
 # Method names come from the package's registry (bayestune.methods.registry), nowhere else.
 BUDGETED = [m for m, spec in REGISTRY.items() if spec.kind == _BUDGETED]  # a mask per budget

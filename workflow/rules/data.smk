@@ -10,6 +10,7 @@ rule prepare:
         f"{RES}/logs/prepare/{{task}}.log",
     params:
         code=CODE["prepare"],
+        architecture=ARCHITECTURE,
         source=lambda wc: data_source(wc.task),
         task_file=lambda wc: task_file_flag(wc.task),
         declaration=lambda wc: task_declaration(wc.task),
@@ -24,4 +25,5 @@ rule prepare:
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune prepare --task {wildcards.task}"
         " --model {params.model:q} --out-dir {output} --max-length {params.max_length}"
+        " --architecture {params.architecture}"
         " {params.task_file} > {log} 2>&1"
