@@ -48,6 +48,7 @@ from bayestune.methods.registry import (
     MethodSpec,
     get_spec,
     method_names,
+    published_differences,
     published_label,
 )
 from bayestune.methods.scales import bayestune_masks
@@ -56,7 +57,8 @@ __all__ = [
     "LORA_PRESETS", "METHODS", "REGISTRY", "SCORERS", "Batches", "LoraSettings", "LossFn", "Mask",
     "MaskMethod", "Masks", "MethodConfig", "MethodError", "MethodSpec", "get_spec",
     "lora_trainable_fraction", "mask_overlap", "merge_lora", "method_names", "method_scores",
-    "method_settings", "published_label", "ranking_options", "select_masks", "wrap_lora",
+    "method_settings", "published_differences", "published_label", "ranking_options",
+    "select_masks", "wrap_lora",
 ]
 
 _FUNCTIONS: dict[str, MaskMethod] = {
