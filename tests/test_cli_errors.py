@@ -62,7 +62,7 @@ def test_budget_that_selects_nothing_fails_at_mask_time(tmp_path, tiny_model_dir
     model = build_task_model("rte", tiny_model_dir, 0)
     scales = tmp_path / "scales.safetensors"
     files.save_scales(scales, {n: torch.rand(p.shape) for n, p in model.named_parameters()},
-                      {"model_id": model.model_id})
+                      {"model_id": model.model_id, "architecture": model.architecture})
     out = tmp_path / "masks"
     command = ["-q", "mask", "--method", "bayestune", "--scores", str(scales), "--task", "rte",
                "--model", tiny_model_dir, "--out-dir", str(out)]

@@ -66,7 +66,7 @@ def encoder_only_mask(model_dir: str, task: str, seed: int, path: Path, /, **met
     shapes = {n: p.shape for n, p in build_task_model(task, model_dir, seed).named_parameters()}
     mask = {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}
     mask["encoder.encoder.layer.0.output.dense.bias"][:] = True
-    record = {"task": task, "model": model_dir, "seed": seed, **meta}
+    record = {"task": task, "model": model_dir, "seed": seed, "architecture": "jiant", **meta}
     files.save_mask(path, mask, mask_metadata(mask, 0.01, method="random",
                                               **{k: v for k, v in record.items() if v is not None}))
     return path

@@ -93,7 +93,11 @@ def test_text_family_through_every_subcommand(tmp_path, family):
     built = build_task_model("pairs", str(model), 0, read_task_file(task_file))
     assert built.encoder.config.model_type == family
     assert built.input_names == INPUTS[family]
+    # jiant's architecture (the default) on a family without a pooling layer: the head reads
+    # the first token's state, as jiant's DeBERTa-v2 and ELECTRA wrappers pool
+    assert built.architecture == "jiant" and not built.has_pooler
     assert not any("pooler" in n for n, _ in built.named_parameters())
+    assert metrics["architecture"] == "jiant"
     check_tuned_model(tmp_path, "pairs", str(model), task_file)
 
 

@@ -220,13 +220,54 @@ def test_locate_span_tolerates_known_quirks():
 @pytest.mark.parametrize("split", glue.SPLITS)
 def test_wsc_span_masks_cover_the_span_words(glue_dir, tokenizer, split):
     examples = glue.read_split_file("wsc", glue_dir / "wsc" / f"{split}.jsonl")
-    tensors = glue.tokenize_examples("wsc", examples, tokenizer, max_length=128)
+    tensors = glue.tokenize_examples("wsc", examples, tokenizer, max_length=128,
+                                     architecture="first-token")
     for i, example in enumerate(examples):
         for k in ("span1", "span2"):
             start, end = example[k]
             tokens = tensors["input_ids"][i][tensors[f"{k}_mask"][i]]
             decoded = tokenizer.decode(tokens).replace(" ", "")
             assert decoded == example["text"][start:end].lower().replace(" ", ""), example["where"]
+
+
+def jiant_span_positions(tokenizer, text: str, word_index: int, span_text: str) -> list[int]:
+    """jiant's rule, computed the way its TokenAligner does it for a WordPiece tokenizer: the
+    span's words are text.split()[word_index : word_index + len(span_text.split())], every
+    sub-word token of each word is in the span, and position 0 is [CLS] (cls_offset 1)."""
+    words = text.split()
+    before = sum(len(tokenizer.tokenize(w)) for w in words[:word_index])
+    inside = sum(len(tokenizer.tokenize(w))
+                 for w in words[word_index:word_index + len(span_text.split())])
+    return list(range(1 + before, 1 + before + inside))
+
+
+@pytest.mark.parametrize("split", glue.SPLITS)
+def test_wsc_jiant_spans_are_jiants_token_positions(glue_dir, tokenizer, split):
+    path = glue_dir / "wsc" / f"{split}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    examples = glue.read_split_file("wsc", path)
+    tensors = glue.tokenize_examples("wsc", examples, tokenizer, max_length=128,
+                                     architecture="jiant")
+    for i, row in enumerate(rows):
+        for k in ("1", "2"):
+            want = jiant_span_positions(tokenizer, row["text"], row["target"][f"span{k}_index"],
+                                        row["target"][f"span{k}_text"])
+            got = torch.nonzero(tensors[f"span{k}_mask"][i]).squeeze(1).tolist()
+            assert got == want, (examples[i]["where"], k)
+
+
+def test_wsc_jiant_span_of_a_possessive_takes_the_whole_word(glue_dir, tokenizer):
+    """train.jsonl line 47: span1 "Emma" at word 0, which is "Emma's". jiant takes every token
+    of the word (emma ' s: positions 1-3); first-token took the located text "Emma" (1)."""
+    examples = glue.read_split_file("wsc", glue_dir / "wsc" / "train.jsonl")
+    example = examples[46]
+    assert example["text"].startswith("Emma's mother had died long ago")
+    jiant = glue.tokenize_examples("wsc", [example], tokenizer, 128, architecture="jiant")
+    first = glue.tokenize_examples("wsc", [example], tokenizer, 128, architecture="first-token")
+    assert torch.nonzero(jiant["span1_mask"][0]).squeeze(1).tolist() == [1, 2, 3]
+    assert tokenizer.decode(jiant["input_ids"][0][1:4]) == "emma ' s"
+    assert torch.nonzero(first["span1_mask"][0]).squeeze(1).tolist() == [1]
+    assert torch.equal(jiant["input_ids"], first["input_ids"])  # the text itself is the same
 
 
 # --- token cache and loaders ------------------------------------------------------------------
@@ -264,24 +305,72 @@ def test_prepare_caches_and_load_data_serves_batches(tmp_path, glue_dir, monkeyp
         glue.load_data("cb", tmp_path / "nothing", batch_size=8, seed=0)
 
 
-def test_copa_batches_hold_both_choices(glue_dir, tokenizer):
+@pytest.mark.parametrize("architecture", ["jiant", "first-token"])
+def test_copa_batches_hold_both_choices(glue_dir, tokenizer, architecture):
     examples = glue.read_split_file("copa", glue_dir / "copa" / "val.jsonl")
-    tensors = glue.tokenize_examples("copa", examples, tokenizer, max_length=128)
+    tensors = glue.tokenize_examples("copa", examples, tokenizer, max_length=128,
+                                     architecture=architecture)
     assert tensors["input_ids"].shape[:2] == (len(examples), 2)
     first = tokenizer.decode(tensors["input_ids"][0, 1], skip_special_tokens=True)
-    question = glue.COPA_QUESTIONS[examples[0]["question"]].lower()
+    question = glue.COPA_QUESTIONS[architecture][examples[0]["question"]].lower()
     assert question in first and examples[0]["choice2"].lower().rstrip(".") in first
+
+
+def test_copa_jiant_input_is_jiants_pair(glue_dir, tokenizer):
+    """val.jsonl line 1, as jiant's copa.py builds it: (premise + " " + question, choice), the
+    question "What was the cause of this?" for a cause, one pair per choice."""
+    examples = glue.read_split_file("copa", glue_dir / "copa" / "val.jsonl")
+    assert (examples[0]["premise"], examples[0]["question"]) == (
+        "The family postponed the barbeque.", "cause")
+    tensors = glue.tokenize_examples("copa", examples[:1], tokenizer, 128, architecture="jiant")
+    assert [tokenizer.decode(tensors["input_ids"][0, c]) for c in (0, 1)] == [
+        "[CLS] the family postponed the barbeque. what was the cause of this? [SEP] "
+        "the forecast called for storms. [SEP]",
+        "[CLS] the family postponed the barbeque. what was the cause of this? [SEP] "
+        "it was a holiday weekend. [SEP]"]
+    # the choice is the second segment, as jiant's BERT featurisation gives it
+    segments = tensors["token_type_ids"][0, 0][tensors["attention_mask"][0, 0].bool()]
+    assert segments.tolist() == [0] * 17 + [1] * 7
+    assert glue.COPA_QUESTIONS["jiant"] == {"cause": "What was the cause of this?",
+                                            "effect": "What happened as a result?"}
+
+
+def test_token_cache_is_keyed_by_architecture(tmp_path, glue_dir, monkeypatch):
+    """COPA's question differs per architecture: each has its own cache, an old cache (no
+    architecture recorded) is tokenised again, and a cache of the other one is refused."""
+    out = glue.prepare("copa", "minilm", tmp_path / "copa", glue_dir, 64, architecture="jiant")
+    _, meta = load_token_cache(out / glue.CACHE_FILE)
+    assert meta["architecture"] == "jiant"
+    glue.load_data("copa", out, 8, 0, architecture="jiant")
+    with pytest.raises(TaskError, match="tokenised for architecture 'jiant'.*--architecture "
+                                        "first-token"):
+        glue.load_data("copa", out, 8, 0, architecture="first-token")
+    glue.prepare("copa", "minilm", out, glue_dir, 64, architecture="first-token")
+    _, meta = load_token_cache(out / glue.CACHE_FILE)
+    assert meta["architecture"] == "first-token"
+    # a cache written before the key existed: re-tokenised for jiant, served as first-token
+    splits, meta = load_token_cache(out / glue.CACHE_FILE)
+    del meta["architecture"]
+    tokens.write_cache(out, splits, meta, meta.pop("rows"))
+    glue.load_data("copa", out, 8, 0, architecture="first-token")
+    with pytest.raises(TaskError, match="'first-token'"):
+        glue.load_data("copa", out, 8, 0, architecture="jiant")
+    calls = []
+    real = tokens.tokenizer_for
+    monkeypatch.setattr(tokens, "tokenizer_for", lambda name: calls.append(name) or real(name))
+    glue.prepare("copa", "minilm", out, glue_dir, 64, architecture="jiant")
+    assert calls == ["minilm"]
 
 
 def test_build_model_picks_each_task_head(monkeypatch):
     calls = {}
     monkeypatch.setattr(glue, "build_text_model",
-                        lambda name, head, num_labels, seed: calls.setdefault(
-                            head + str(num_labels), (name, seed)))
+                        lambda name, head, num_labels, seed, architecture: calls.setdefault(
+                            head + str(num_labels), (name, seed, architecture)))
     for task in SEVEN:
         glue.build_model(task, "minilm", 5)
     assert set(calls) == {"classification2", "classification3", "regression1", "copa2", "wsc2"}
-    assert set(calls.values()) == {("minilm", 5)}
+    assert set(calls.values()) == {("minilm", 5, "jiant")}
 
 
 def test_dispatch_finds_the_glue_tasks():

@@ -117,15 +117,18 @@ def test_keep_head_counts_toward_budget() -> None:
 
 
 def test_keep_head_on_top_of_budget() -> None:
+    """composable-sft's rule: the head is not maskable and trains fully, and k is p times the
+    maskable (ranked) count, not p times every scalar."""
     scores = _scores()
-    total = sum(t.numel() for t in scores.values())
+    n_head = 3 * 30 + 3
+    maskable = sum(t.numel() for t in scores.values()) - n_head
     masks = masks_from_scores(scores, [0.01, 0.2], keep_head=True, head_counts_toward_budget=False)
     for p, mask in masks.items():
         assert mask["head.out.weight"].all()
-        assert _count(mask) == math.floor(p * total) + 3 * 30 + 3
+        assert _count(mask) == math.floor(p * maskable) + n_head
     meta = mask_metadata(masks[0.2], 0.2, method="test", keep_head=True,
                          head_counts_toward_budget=False)
-    assert meta["k"] == math.floor(0.2 * total)
+    assert meta["k"] == math.floor(0.2 * maskable)
     assert meta["n_selected"] == _count(masks[0.2])
     assert meta["keep_head"] and not meta["head_counts_toward_budget"]
 

@@ -128,7 +128,7 @@ def test_head_defaults_per_method_and_config_overrides():
     default = MethodConfig()
     expect = {"random": (False, True, False), "magnitude": (True, True, False),
               "sam": (True, True, False), "fisher": (False, True, True),
-              "lt-sft": (False, False, True), "bayestune": (False, False, True)}
+              "lt-sft": (False, True, False), "bayestune": (False, False, True)}
     for name, (per_tensor, keep_head, counts) in expect.items():
         assert ranking_options(name, default) == {
             "per_tensor": per_tensor, "keep_head": keep_head,
@@ -137,13 +137,37 @@ def test_head_defaults_per_method_and_config_overrides():
     assert ranking_options("sam", changed)["per_tensor"] is False
     assert ranking_options("sam", changed)["keep_head"] is False
     # A run whose ranking differs from the published definition gets no published row.
-    assert published_label("sam", ranking_options("sam", default)) == "SAM"
-    assert published_label("sam", ranking_options("sam", changed)) is None
+    sam = {**ranking_options("sam", default), "sam_steps": 600, "grad_clip": 1.0,
+           "architecture": "jiant"}
+    assert published_label("sam", sam) == "SAM"
+    assert published_label("sam", {**sam, **ranking_options("sam", changed)}) is None
     assert published_label("lt-sft", ranking_options("lt-sft", default)) is None
-    assert published_label("lora", {"lora_preset": "default"}) is None
-    assert published_label("lora", {"lora_preset": "sam"}) == "LoRA"
+    assert published_label("lora", {"lora_preset": "default", "architecture": "jiant"}) is None
+    assert published_label("lora", {"lora_preset": "sam", "architecture": "jiant"}) == "LoRA"
     with pytest.raises(MethodError, match="unknown method 'nope'; known methods: full, lora"):
         published_label("nope", {})
+
+
+def test_published_row_needs_the_source_definition_and_stage_2():
+    """SAM's row: the repo's ranking, burn-in 600 (scripts/train.sh), jiant's model, and
+    stage 2 as train.sh trains it (lr 1e-4, batch 16, min 20000 steps, eval every 500,
+    patience 40, jiant's ramp over 10000 epochs, selection on 500 validation examples)."""
+    from bayestune.methods import published_differences
+    from bayestune.methods.registry import SAM_REPO_STAGE2
+
+    sam = {**ranking_options("sam", MethodConfig()), "sam_steps": 600, "grad_clip": 1.0,
+           "architecture": "jiant"}
+    stage2 = dict(SAM_REPO_STAGE2)
+    assert published_label("sam", sam, stage2) == "SAM"
+    assert published_differences("sam", sam, stage2) == []
+    assert published_label("sam", sam, {**stage2, "lr": 1e-3}) is None
+    assert published_differences("sam", {**sam, "sam_steps": 500}, {**stage2, "lr": 1e-3}) == [
+        "sam_steps 500, published 600", "stage-2 lr 0.001, published 0.0001"]
+    assert published_differences("sam", {**sam, "architecture": "first-token"}, stage2) == [
+        "architecture 'first-token', published 'jiant'"]
+    assert published_label("full", {"architecture": "jiant"}, {**stage2, "lr": 2e-5}) is None
+    assert published_label("full", {"architecture": "jiant"}, stage2) == "full fine-tuning"
+    assert published_differences("bayestune", {}, {}) == []  # no published row to stand beside
 
 
 # --- masks of every method ---------------------------------------------------------------------
@@ -152,12 +176,16 @@ def test_global_methods_give_nested_masks_of_budget_size(model, name):
     masks = run(name, model)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for n, p in model.named_parameters() if is_head(n))
     assert list(masks) == BUDGETS and masks.start is None
     for budget in BUDGETS:
         mask = masks[budget]
         assert {n: m.shape for n, m in mask.items()} == shapes
         assert all(m.dtype == torch.bool for m in mask.values())
-        assert sum(int(m.sum()) for m in mask.values()) == budget_count(budget, total)
+        # lt-sft: the head outside the budget, k = p x the rest (composable-sft)
+        expect = (budget_count(budget, total - head) + head if name == "lt-sft"
+                  else budget_count(budget, total))
+        assert sum(int(m.sum()) for m in mask.values()) == expect
     assert nested(masks[BUDGETS[0]], masks[BUDGETS[1]])
     assert nested(masks[BUDGETS[1]], masks[BUDGETS[2]])
 
@@ -287,10 +315,14 @@ def test_lt_sft_picks_the_scalars_that_moved_most_and_restarts():
     assert torch.equal(moved[[1, 3, 4]], torch.zeros(3))
     # The head's gradient w . x is zero at theta0, so it moves for two steps only.
     assert 0 < scores["head.weight"].item() < 0.25
-    masks = run("lt-sft", Toy(), budgets=[0.45, 0.6], config=config, batches=toy_batches(rows))
+    # composable-sft: the head is not maskable and trains fully; k = p x the 6 encoder scalars
+    # (over all 7 scalars, 0.3 would give floor(2.1) = 2)
+    masks = run("lt-sft", Toy(), budgets=[0.5, 0.3], config=config, batches=toy_batches(rows))
     assert masks.start is None
-    assert selected(masks[0.45], "encoder.weight") == {0, 2, 5}
-    assert not masks[0.45]["head.weight"].any() and masks[0.6]["head.weight"].all()
+    assert selected(masks[0.5], "encoder.weight") == {0, 2, 5}
+    assert len(selected(masks[0.3], "encoder.weight") & {0, 2, 5}) == 1  # floor(0.3 x 6)
+    assert int(masks[0.3]["encoder.weight"].sum()) == 1
+    assert masks[0.5]["head.weight"].all() and masks[0.3]["head.weight"].all()
 
 
 # --- sam: the SAM repo's bsearch ------------------------------------------------------------------
@@ -489,7 +521,9 @@ def test_magnitude_start_file_carries_the_trained_weights_into_stage_2(tmp_path,
                  "--magnitude-warmup-epochs", "0", "--out-dir", str(masks_dir)]) == 0
     start, start_meta = files.load_model_state(masks_dir / "start.safetensors")
     mask, meta = files.load_mask(masks_dir / "p0.005.safetensors")
-    assert meta["start"] and meta["published_as"] == "magnitude pruning"
+    # 3 steps at 1e-3 is not the SAM repo's 500 at 1e-4: no published row, and why
+    assert meta["start"] and meta["published_as"] is None
+    assert "magnitude_steps 3, published 500" in meta["published_differs"]
     assert (meta["per_tensor"], meta["keep_head"]) == (True, True)
     assert start_meta["task"] == "cb" and start_meta["seed"] == 1
 
@@ -508,7 +542,8 @@ def test_magnitude_start_file_carries_the_trained_weights_into_stage_2(tmp_path,
     assert main(finetune) == 2  # a magnitude mask without its start is refused
     assert main([*finetune, "--start", str(masks_dir / "start.safetensors")]) == 0
     metrics = files.read_json(run_dir / "metrics.json")
-    assert metrics["mask_fraction"] < 0.03 and metrics["published_as"] == "magnitude pruning"
+    assert metrics["mask_fraction"] < 0.03 and metrics["published_as"] is None
+    assert "stage-2 lr 0.001, published 0.0001" in metrics["published_differs"]
     assert metrics["changed_fraction"] > 0.5 and metrics["trainable_fraction"] > 0.5
     # The tuned model is the start file where the mask is off: training went on from there.
     tuned = build_task_model("cb", MINILM, 1)

@@ -72,7 +72,7 @@ def test_paper_plan(paper_plan) -> None:
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     runs = len(config["tasks"]) * len(config["seeds"])
     assert paper_plan.job_counts["sample"] == runs
-    assert 124.5e6 < paper_plan.n_scalars < 124.8e6
+    assert paper_plan.n_scalars == 125_237_762  # jiant: encoder, its pooler, a 2-class head
     gpu = COSTS["models"]["roberta-base"]["seconds_per_step"]["cuda"]
     stage1 = sum(job.hours for job in planned(paper_plan, "sample"))
     from bayestune.sampler import sampler_config_from_section
@@ -95,7 +95,7 @@ def test_paper_plan(paper_plan) -> None:
     masks = [f for job in paper_plan.jobs for f in job.files
              if f.kind == "masks" and f.path.endswith("p0.005.safetensors")
              and "/bitfit/" not in f.path]
-    assert all(2.4e6 < f.bytes < 2.6e6 for f in masks)
+    assert all(2.4e6 < f.bytes < 2.65e6 for f in masks)
     assert paper_plan.cache_bytes <= 10e9
     assert kinds.loc["scale files", "cache"] == 0 and kinds.loc["deltas, full", "cache"] == 0
     assert kinds.loc["masks", "cache"] == kinds.loc["masks", "results"]

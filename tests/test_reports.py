@@ -19,7 +19,8 @@ TASKS = ("cola", "rte", "cb")
 def _metrics(tmp: Path, method: str, budget, task: str, seed: int, score: float,
              model: str = "roberta-base", fraction: float = 0.005,
              curve: list[float] | None = None, stop_reason: str = "max_steps",
-             published_as: str | None = None) -> Path:
+             published_as: str | None = None,
+             published_differs: list[str] | None = None) -> Path:
     """A metrics.json; with ``curve`` (validation scores every 10 steps) also its history and
     stop reason, as `bayestune finetune` writes them; without, as files from before that."""
     path = tmp / method / task / str(budget) / f"seed{seed}" / "metrics.json"
@@ -29,6 +30,8 @@ def _metrics(tmp: Path, method: str, budget, task: str, seed: int, score: float,
         "trainable_fraction": fraction, "n_trainable": 5, "n_total": 1000, "best_step": 10,
         "steps": 20, "wall_seconds": 1.0, "published_as": published_as,
     }
+    if published_differs is not None:
+        record["published_differs"] = published_differs
     if curve is not None:
         record["history"] = convergence.history_records(
             (10 * (i + 1), 1.0 / (i + 1), val) for i, val in enumerate(curve))
@@ -102,6 +105,8 @@ def _published_runs(tmp: Path, model: str = "roberta-base") -> list[Path]:
                 _metrics(tmp, "bayestune", 0.005, task, seed, 0.8, model),
                 _metrics(tmp, "random", 0.005, task, seed, 0.4, model, 0.006,
                          published_as="random mask" if seed == 0 else None),
+                _metrics(tmp, "magnitude", 0.005, task, seed, 0.4, model, 0.006,
+                         published_differs=["stage-2 lr 0.001, published 0.0001"]),
             ]
     return paths
 
@@ -115,8 +120,8 @@ def test_published_rows_stand_only_beside_the_same_definition(tmp_path):
     table = pd.read_csv(out / "glue_table.csv", dtype={"budget": str})
     assert list(zip(table.method, table.budget, strict=True)) == [
         ("full", "-"), ("full fine-tuning (published)", "-"),
-        ("random", "0.005"), ("lt-sft", "0.005"), ("sam", "0.005"), ("SAM (published)", "0.005"),
-        ("bayestune", "0.005"), ("sam", "0.01")]
+        ("random", "0.005"), ("magnitude", "0.005"), ("lt-sft", "0.005"), ("sam", "0.005"),
+        ("SAM (published)", "0.005"), ("bayestune", "0.005"), ("sam", "0.01")]
     sam = table[table.method == "SAM (published)"].iloc[0]
     # Only the run's tasks are shown, and avg is over them so that it compares with the run's.
     assert "wsc" not in table.columns and sam["cb"] == 88.93
@@ -129,6 +134,12 @@ def test_published_rows_stand_only_beside_the_same_definition(tmp_path):
     markdown = (out / "glue_table.md").read_text()
     assert "SAM (published)" in markdown and "MixOut" not in markdown.split("\n\n")[0]
     assert "not run here: MixOut, Adapter, Diff Pruning, Child Pruning" in markdown
+    # each of our rows whose published row is left out says why
+    assert ("- no published row beside magnitude 0.005 (magnitude pruning): stage-2 lr 0.001, "
+            "published 0.0001") in markdown
+    assert "- no published row beside random 0.005 (random mask): its runs record no match" \
+        in markdown
+    assert "beside sam 0.005" not in markdown and "beside lt-sft" not in markdown
 
     other = tmp_path / "minilm"
     scores = reports.collect_scores(_published_runs(tmp_path / "m",

@@ -132,7 +132,16 @@ def test_paper_config_is_the_paper():
                                  if k != "batch_size"})
     assert (finetune.schedule, finetune.lr, finetune.min_steps, finetune.patience,
             finetune.eval_every, finetune.val_subset) == ("reference", 1e-3, 20000, 40, 500, 500)
-    assert config["max_length"] == 256
+    assert config["max_length"] == 256 and config["architecture"] == "jiant"
+    # the methods beside a published row train stage 2 as the SAM repo's scripts/train.sh,
+    # and SAM burns in for 600 steps as there
+    from bayestune.methods import REGISTRY
+    from bayestune.methods.registry import SAM_REPO_STAGE2
+
+    for name in (n for n, spec in REGISTRY.items() if spec.published):
+        section = {**config["finetune"], **config["finetune_by_method"].get(name, {})}
+        assert {k: section.get(k) for k in SAM_REPO_STAGE2} == dict(SAM_REPO_STAGE2), name
+    assert config["mask_by_method"]["sam"] == {"sam_steps": 600}
 
 
 def test_paper_dry_run_job_counts(workdir, dry_run):

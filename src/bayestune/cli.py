@@ -94,7 +94,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from bayestune.tasks import prepare_task
 
     prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length,
-                 custom_tasks=declared_tasks(args))
+                 custom_tasks=declared_tasks(args), architecture=args.architecture)
+
+
+def made_with(model) -> dict:
+    """What the files of a run record about its model besides the name: a text model's
+    architecture (nothing for a model without the choice)."""
+    return {} if model.architecture is None else {"architecture": model.architecture}
 
 
 def cmd_cut_vocabulary(args: argparse.Namespace) -> None:
@@ -103,7 +109,8 @@ def cmd_cut_vocabulary(args: argparse.Namespace) -> None:
     from bayestune.models.text import resolve_model_path
     from bayestune.tasks import used_token_ids
 
-    used = used_token_ids(args.tasks, args.model, args.data_dir, declared_tasks(args))
+    used = used_token_ids(args.tasks, args.model, args.data_dir, declared_tasks(args),
+                          args.architecture)
     files.replace_folder(args.out_dir, lambda tmp: restrict_vocabulary(
         resolve_model_path(args.model), used, tmp))
     log.info("%s: %s with the %d tokens of %s", args.out_dir, args.model, len(used),
@@ -115,9 +122,9 @@ def _model_and_data(args: argparse.Namespace):
 
     declared = declared_tasks(args)
     spec = get_task(args.task, declared)
-    model = build_task_model(args.task, args.model, args.seed, declared)
+    model = build_task_model(args.task, args.model, args.seed, declared, args.architecture)
     data = load_task_data(args.task, args.data, args.batch_size, args.seed, args.eval_batch_size,
-                          declared)
+                          declared, args.architecture)
     return spec, model, data
 
 
@@ -155,11 +162,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     _check_scales(args, config, result.mean, largest_weight)
     run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
     write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
-                     provenance=run)
+                     provenance=run, extra=made_with(model))
     agreement = rank_agreement(monitor.final_scores(model, result.mean, fisher))
     write_chain_diagnostics(args.out, monitor, agreement, run={
         "task": args.task, "seed": args.seed, "preset": config.preset,
-        "model_id": model.model_id, "steps": result.steps, "n_samples": result.n_samples,
+        "model_id": model.model_id, **made_with(model), "steps": result.steps,
+        "n_samples": result.n_samples,
         "fisher_examples": args.diagnostics_fisher_examples if fisher is not None else 0})
     if args.checkpoint is not None:
         # The scale file is the product; a finished run's checkpoint is only dead weight.
@@ -239,6 +247,7 @@ def cmd_mask(args: argparse.Namespace) -> None:
     from bayestune.methods import (
         MethodConfig,
         method_settings,
+        published_differences,
         published_label,
         ranking_options,
         select_masks,
@@ -249,31 +258,35 @@ def cmd_mask(args: argparse.Namespace) -> None:
 
     config = config_from_args(args, MethodConfig)
     declared = declared_tasks(args)
-    model = build_task_model(args.task, args.model, args.seed, declared)
+    model = build_task_model(args.task, args.model, args.seed, declared, args.architecture)
     model.to(resolve_device(args.device))  # the gradient methods' passes run where it sits
     shapes = {name: p.shape for name, p in model.named_parameters()}
     scores, chain = None, {}
     if args.scores is not None:
         scores, score_meta = files.load_scores(args.scores)
+        # the architecture first: its message names the fix, a shape mismatch would not
+        check_made_for(score_meta, args.scores, "score", model=model.model_id,
+                       architecture=model.architecture)
         files.check_matches_model(scores, shapes, args.scores, "score")
-        check_made_for(score_meta, args.scores, "score", model=model.model_id)
         chain = upstream(score_meta, "scales")
     batches = None
     if args.data is not None:
         batches = load_task_data(args.task, args.data, args.batch_size, args.seed,
-                                 args.eval_batch_size, declared).train_epoch
+                                 args.eval_batch_size, declared, args.architecture).train_epoch
     masks = select_masks(args.method, model, batches, task_loss, args.budgets, args.seed, config,
                          scores=scores)
     for budget, mask in masks.items():  # here, not when fine-tuning finds nothing to train
         check_selects_some(mask, budget, per_tensor=config.per_tensor)
     options = ranking_options(args.method, config)
-    run = {"task": args.task, "seed": args.seed, "model": model.model_id}
+    run = {"task": args.task, "seed": args.seed, "model": model.model_id, **made_with(model)}
     made_by = _provenance(args, {"method": args.method, "mask": config,
                                  "batch_size": args.batch_size})
     out_dir = Path(args.out_dir)
+    settings = {**options, **method_settings(config), **made_with(model)}
     for budget, mask in masks.items():
         meta = mask_metadata(mask, budget, method=args.method, **options, **run,
-                             published_as=published_label(args.method, options),
+                             published_as=published_label(args.method, settings),
+                             published_differs=published_differences(args.method, settings),
                              start=masks.start is not None, **method_settings(config))
         files.save_mask(out_dir / mask_file_name(budget), mask, {**meta, "upstream": chain},
                         made_by)
@@ -288,9 +301,11 @@ def _load_start(path: Path, model, args: argparse.Namespace) -> dict:
     import torch
 
     from bayestune import files
+    from bayestune.file_origin import check_architecture
 
     start, meta = files.load_model_state(path)
     params = dict(model.named_parameters())
+    check_architecture(meta, path, "start", model.architecture)
     files.check_matches_model(start, {n: p.shape for n, p in params.items()}, path, "start")
     expected = {"task": args.task, "seed": args.seed, "model": model.model_id}
     wrong = {k: meta[k] for k, v in expected.items() if k in meta and meta[k] != v}
@@ -307,25 +322,29 @@ def _load_start(path: Path, model, args: argparse.Namespace) -> dict:
     return moved
 
 
-def _published_as(method: str, mask_meta: dict | None, lora_preset: str | None) -> str | None:
-    """The published row this run's definition matches (recorded per run for the tables)."""
-    from bayestune.methods import published_label
+def _published(method: str, mask_meta: dict | None, lora_preset: str | None, model,
+               stage2: Mapping) -> tuple[str | None, list[str]]:
+    """The published row this run may stand beside (recorded per run for the tables), and why
+    not where it may not: its definition (the mask file's ranking options and method settings,
+    the LoRA preset, the architecture) and its stage-2 settings against the source's."""
+    from bayestune.methods import published_differences, published_label
 
-    if mask_meta is not None:
-        return mask_meta.get("published_as")  # decided by `mask` from its ranking options
-    return published_label(method, {"lora_preset": lora_preset})
+    settings = {**(mask_meta or {}), "lora_preset": lora_preset, **made_with(model)}
+    return (published_label(method, settings, stage2),
+            published_differences(method, settings, stage2))
 
 
 def _candidate_mask(path: Path, cache: dict, theta0: Mapping, args: argparse.Namespace,
-                    model_id: str) -> tuple:
+                    model) -> tuple:
     """A mask file's mask and metadata, checked against the run and read once per job."""
     from bayestune import files
     from bayestune.file_origin import check_made_for
 
     if path not in cache:
         mask, meta = files.load_mask(path)
+        check_made_for(meta, path, "mask", task=args.task, model=model.model_id,
+                       architecture=model.architecture)
         files.check_matches_model(mask, {n: t.shape for n, t in theta0.items()}, path, "mask")
-        check_made_for(meta, path, "mask", task=args.task, model=model_id)
         if meta.get("start") and args.start is None:
             raise ConfigError(f"{path}: method {meta.get('method')} trains before it ranks and "
                               "stage 2 goes on from those weights; pass --start with the start "
@@ -372,7 +391,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         mask = mask_meta = None
         if args.mask is not None:
             mask, mask_meta = _candidate_mask(Path(candidate.get(MASK_KEY, args.mask)), masks,
-                                              theta0, args, model.model_id)
+                                              theta0, args, model)
         trained = copy.deepcopy(model)
         if lora is not None:
             from bayestune.methods import wrap_lora
@@ -411,8 +430,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     made_by = _provenance(args, {"method": method, "finetune": settings,
                                  **({"lora": dataclasses.asdict(lora)} if lora else {})})
     files.save_delta(out_dir / "delta.safetensors", delta,
-                     {"task": args.task, "model": model.model_id, "seed": args.seed,
-                      "method": method, "budget": budget, "upstream": chain}, made_by)
+                     {"task": args.task, "model": model.model_id, **made_with(model),
+                      "seed": args.seed, "method": method, "budget": budget, "upstream": chain},
+                     made_by)
+    published_as, published_differs = _published(method, mask_meta, lora_preset, model, settings)
     # With a start, every scalar the start moved is trained as much as the masked ones: the
     # trainable fraction counts both, and the changed fraction says what differs from theta0.
     changed = sum(int((p.detach() != theta0[n].to(p.device)).sum())
@@ -431,12 +452,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     } for t in tried]}
     files.write_json(out_dir / "metrics.json", {
         "method": method, "budget": budget, "task": args.task, "seed": args.seed,
-        "model": model.model_id, "metric": spec.metric_name,
+        "model": model.model_id, **made_with(model), "metric": spec.metric_name,
         "test_score": result.test_score, "val_score": result.val_score,
         "trainable_fraction": trainable, "mask_fraction": result.trainable_fraction,
         "changed_fraction": changed / result.n_total,
         "n_trainable": result.n_trainable, "n_total": result.n_total,
-        "published_as": _published_as(method, mask_meta, lora_preset),
+        "published_as": published_as, "published_differs": published_differs,
         "lora_preset": lora_preset, "start": None if args.start is None else str(args.start),
         "best_step": result.best_step, "steps": result.steps,
         "wall_seconds": sum(t["result"].wall_seconds for t in tried),
@@ -454,15 +475,23 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_apply_delta(args: argparse.Namespace) -> None:
     from bayestune import files
     from bayestune.delta import apply_delta
-    from bayestune.file_origin import check_made_for, recorded_seed
+    from bayestune.file_origin import (
+        check_architecture,
+        check_made_for,
+        recorded_architecture,
+        recorded_seed,
+    )
     from bayestune.tasks import build_task_model
 
     delta, meta = files.load_delta(args.delta)
-    # The delta holds only the scalars that changed: a frozen head must be rebuilt from the
-    # run's own seed, or the model silently gets another head.
+    # The delta holds only the scalars that changed: a frozen head (and a drawn pooler) must be
+    # rebuilt from the run's own seed and architecture, or the model silently gets other ones.
+    architecture = args.architecture or recorded_architecture(meta)
+    check_architecture(meta, args.delta, "delta", architecture)
     model = build_task_model(args.task, args.model, recorded_seed(meta, args.delta, args.seed),
-                             declared_tasks(args))
-    check_made_for(meta, args.delta, "delta", task=args.task, model=model.model_id)
+                             declared_tasks(args), architecture)
+    check_made_for(meta, args.delta, "delta", task=args.task, model=model.model_id,
+                   architecture=model.architecture)
     apply_delta(model, delta, source=str(args.delta))
     files.save_model_state(args.out, model.state_dict(), {**meta, "delta": str(args.delta)})
 
@@ -566,13 +595,27 @@ def _task_flags(parser: argparse.ArgumentParser) -> None:
                              "(a run config that declares them will do)")
 
 
+def _architecture_flag(parser: argparse.ArgumentParser, recorded: str = "") -> None:
+    """--architecture; with ``recorded`` (apply-delta) it defaults to what the file records."""
+    from bayestune.models.base import ARCHITECTURES, DEFAULT_ARCHITECTURE
+
+    parser.add_argument(
+        "--architecture", choices=ARCHITECTURES, default=None if recorded else DEFAULT_ARCHITECTURE,
+        help="text models: jiant (the paper's: the encoder's pooler, trained and ranked, and "
+             "jiant's heads) or first-token (heads on the first token, no pooler; files that "
+             "record no architecture were made by it). Image models ignore it (default: "
+             f"{recorded or DEFAULT_ARCHITECTURE})")
+
+
 def _common(parser: argparse.ArgumentParser, *, data: bool = True, seed_default: int | None = 0,
-            seed_help: str = "seed of the head and data order") -> None:
+            seed_help: str = "seed of the head and data order",
+            architecture_help: str = "") -> None:
     _task_flags(parser)
     parser.add_argument("--model", required=True,
                         help="Hugging Face name or local path (roberta-base, all-MiniLM-L6-v2) "
                              "or timm model name")
     parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    _architecture_flag(parser, recorded=architecture_help)
     if data:
         parser.add_argument("--data", type=Path, help="prepared task folder (bayestune prepare)")
         parser.add_argument("--batch-size", type=int, default=16)
@@ -616,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local data of a built-in task (default: $BAYESTUNE_GLUE_DIR / "
                         "$BAYESTUNE_VTAB_DIR); a declared task names its own")
     p.add_argument("--max-length", type=int, default=128)
+    _architecture_flag(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("cut-vocabulary", help="a text model with only the tokens that tasks' "
@@ -626,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, required=True, help="model folder to write")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="local task data (default: $BAYESTUNE_GLUE_DIR)")
+    _architecture_flag(p)
     p.set_defaults(func=cmd_cut_vocabulary)
 
     p = sub.add_parser("sample", help="stage 1: SGLD sampling of the scales lambda")
@@ -688,7 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply-delta", help="base model + sparse delta -> fine-tuned weights")
     _common(p, data=False, seed_default=None,
             seed_help="seed of the run that wrote the delta (default: the one it records; "
-                      "needed only for deltas that record none)")
+                      "needed only for deltas that record none)",
+            architecture_help="the one the delta records; first-token for a delta that "
+                              "records none")
     p.add_argument("--delta", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="state dict to write (.safetensors)")
     p.set_defaults(func=cmd_apply_delta)

@@ -107,9 +107,12 @@ def _global_masks(scores: Mapping[str, torch.Tensor], budgets: Sequence[float], 
     ranked = [n for n in names if not (keep_head and is_head(n))]
     heads = [n for n in names if keep_head and is_head(n)]
     n_head = sum(scores[n].numel() for n in heads)
-    ks = {p: budget_count(p, total) for p in budgets}
-    # With the head kept, it either spends part of k or comes on top of it.
-    ranked_k = {p: max(k - n_head, 0) if head_counts_toward_budget else k for p, k in ks.items()}
+    # With the head kept, it either spends part of k = floor(p D) or stands outside the budget,
+    # which is then p of the ranked scalars (composable-sft's k: p x the maskable count).
+    if head_counts_toward_budget:
+        ranked_k = {p: max(budget_count(p, total) - n_head, 0) for p in budgets}
+    else:
+        ranked_k = {p: budget_count(p, total - n_head) for p in budgets}
     order = _ranking_prefix(_flat_scores(scores, ranked), max(ranked_k.values(), default=0))
     masks = {}
     for p in budgets:
@@ -150,9 +153,11 @@ def masks_from_scores(
     ``per_tensor``: the top floor(p * n_t) of each tensor (n_t its size).
     ``keep_head``: every ``head.*`` scalar is trainable and not ranked. In global mode with
     ``head_counts_toward_budget`` the head uses up part of k (k - n_head ranked scalars join it,
-    so the total stays k unless the head alone is larger); without it, k ranked scalars come on
-    top of the head. In per-tensor mode every tensor has its own quota, so the head never takes
-    another tensor's places and ``head_counts_toward_budget`` has no effect.
+    so the total stays k unless the head alone is larger); without it, the head is outside the
+    budget: floor(p * (D - n_head)) ranked scalars come on top of it (LT-SFT's k, p times the
+    maskable count; the SAM repo's random mask keeps p of the encoder in expectation). In
+    per-tensor mode every tensor has its own quota, so the head never takes another tensor's
+    places and ``head_counts_toward_budget`` has no effect.
     """
     budgets = [check_budget(p) for p in budgets]
     if not budgets:
@@ -199,9 +204,12 @@ def mask_metadata(
 ) -> dict:
     """The run information stored with a mask file (``files.save_mask(path, mask, meta)``)."""
     n_total = sum(m.numel() for m in mask.values())
+    n_head = sum(m.numel() for n, m in mask.items() if keep_head and is_head(n))
     if per_tensor:
         k = sum(budget_count(budget, m.numel()) for n, m in mask.items()
                 if not (keep_head and is_head(n)))
+    elif keep_head and not head_counts_toward_budget:
+        k = budget_count(budget, n_total - n_head)  # the ranked scalars; the head comes on top
     else:
         k = budget_count(budget, n_total)
     n_selected = sum(int(m.count_nonzero()) for m in mask.values())

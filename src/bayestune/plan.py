@@ -369,7 +369,8 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     costs = yaml.safe_load(costs_path.read_text())
     device = "cpu" if config.get("device") == "cpu" else "cuda"
     benchmark = config.get("benchmark", "glue")
-    shapes, shapes_note = sizes.model_shapes(config["model"], benchmark, costs["models"])
+    shapes, shapes_note = sizes.model_shapes(config["model"], benchmark, costs["models"],
+                                             config.get("architecture") or "jiant")
     n_scalars = sum(sizes.numel(s) for s in shapes.values())
     per_step = step_costs(costs, config["model"], device, n_scalars)
     tokens = VISION_TOKENS if benchmark == "vtab" else int(config["max_length"])

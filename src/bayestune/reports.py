@@ -108,6 +108,8 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
             "still_improving": convergence.still_improving(record),
             # the published row with the run's definition; none in files older than the field
             "published_as": str(record.get("published_as") or ""),
+            # why not, when the method has a published row ("" in files older than the field)
+            "published_differs": "; ".join(record.get("published_differs") or []),
             # the fair protocol's choice: the stage-2 rate (and bayestune's stage-1 preset) that
             # won on validation among the run's candidates
             "chosen_lr": float((record.get("finetune") or {}).get("lr", math.nan)),
@@ -238,13 +240,38 @@ def with_published_rows(table: pd.DataFrame, scores: pd.DataFrame, model: str,
     return pd.concat(parts, ignore_index=True) if parts else table
 
 
-def published_note(model: str) -> str:
-    """The note under the Markdown table saying where the published rows come from."""
+def published_note(model: str, scores: pd.DataFrame | None = None) -> str:
+    """The note under the Markdown table saying where the published rows come from and, for
+    each of our rows whose method has a published row that is left out, why."""
     if not is_published_model(model):
         return ""
-    return ("\n(published): RoBERTa-base at a 0.5% budget, mean of 10 seeds (Fu et al., AAAI "
-            "2023, Table 2), shown only beside our method of the same definition. Published "
-            f"rows of methods not run here: {', '.join(NOT_RUN)}.\n")
+    note = ("\n(published): RoBERTa-base at a 0.5% budget, mean of 10 seeds (Fu et al., AAAI "
+            "2023, Table 2), shown only beside our method of the same definition, architecture "
+            "and stage-2 settings (the SAM repository's scripts/train.sh). Published rows of "
+            f"methods not run here: {', '.join(NOT_RUN)}.\n")
+    return note + "".join(f"- no published row beside {line}\n"
+                          for line in _left_out(scores))
+
+
+def _left_out(scores: pd.DataFrame | None) -> list[str]:
+    """"method budget: why" for each (method, budget) at the published budget whose method
+    has a published row that its runs may not stand beside."""
+    if scores is None or "published_as" not in scores:
+        return []
+    lines = []
+    for (method, budget), runs in scores.groupby(["method", "budget"], sort=False):
+        spec = REGISTRY.get(method)
+        if spec is None or spec.published is None or budget not in (PUBLISHED_BUDGET,
+                                                                      FIXED_BUDGET):
+            continue
+        if runs["published_as"].nunique() == 1 and runs["published_as"].iloc[0]:
+            continue
+        reasons = sorted({r for text in runs.get("published_differs", pd.Series(dtype=str))
+                          for r in str(text).split("; ") if r and r != "nan"})
+        why = "; ".join(reasons) if reasons else (
+            "its runs record no match (written before the check, or runs that disagree)")
+        lines.append(f"{method} {budget} ({spec.published}): {why}")
+    return lines
 
 
 def _markdown(table: pd.DataFrame, tasks: Sequence[str], extra: Sequence[str]) -> str:
@@ -289,7 +316,7 @@ def write_tables(scores: pd.DataFrame, out_dir: PathLike, benchmark: str,
     with files.atomic_output(paths[1]) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     with files.atomic_output(paths[2]) as tmp:
-        note = published_note(model) if benchmark == "glue" else ""
+        note = published_note(model, scores) if benchmark == "glue" else ""
         tmp.write_text(_markdown(table, tasks, extra) + _improving_note(scores) + note
                        + _paired_markdown(differences, reference, main_budget))
     paths.append(write_table_csv(differences, out_dir / f"{benchmark}_paired.csv"))

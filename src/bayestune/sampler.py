@@ -353,9 +353,11 @@ class ScaleResult:
 
 
 def write_scale_file(path: str | Path, result: ScaleResult, config: SamplerConfig, *,
-                     seed: int, model_id: str, provenance: dict | None = None) -> None:
-    files.save_scales(path, result.mean, result.metadata(config, seed=seed, model_id=model_id),
-                      provenance)
+                     seed: int, model_id: str, provenance: dict | None = None,
+                     extra: Mapping[str, Any] | None = None) -> None:
+    """The scale file; ``extra`` adds what else identifies the model (its architecture)."""
+    meta = {**result.metadata(config, seed=seed, model_id=model_id), **(extra or {})}
+    files.save_scales(path, result.mean, meta, provenance)
 
 
 # --- the sampler's state and its step --------------------------------------------------------

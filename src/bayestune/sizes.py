@@ -16,7 +16,7 @@ import torch
 
 from bayestune import files
 from bayestune.errors import ConfigError
-from bayestune.models.base import is_head
+from bayestune.models.base import DEFAULT_ARCHITECTURE, is_head
 
 Shapes = dict[str, tuple[int, ...]]
 Counts = dict[str, int]
@@ -49,9 +49,10 @@ def running_stats_models(sampler: Mapping) -> int:
     return RUNNING_STATS_MODELS + bool(sampler.get("variance"))
 
 
-def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping]) -> tuple[Shapes,
-                                                                                          str]:
-    """Parameter shapes of ``model_name`` with a task head, and where they came from.
+def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping],
+                 architecture: str = DEFAULT_ARCHITECTURE) -> tuple[Shapes, str]:
+    """Parameter shapes of ``model_name`` with a task head, and where they came from
+    (``architecture``: a text model's, which decides whether the pooler is counted).
 
     Built on the meta device from the model's config (found locally, or rebuilt from
     ``known[...]["config"]``), or from timm's architecture for a vision model; failing both,
@@ -60,7 +61,7 @@ def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping]) 
     entry = known_model(model_name, known)
     try:
         with torch.device("meta"):
-            model = _meta_model(model_name, benchmark, entry)
+            model = _meta_model(model_name, benchmark, entry, architecture)
     except (OSError, ValueError, RuntimeError) as err:
         if entry is None or "scalars" not in entry:
             raise ConfigError(f"cannot tell how many scalars {model_name!r} has ({err}); add it "
@@ -77,7 +78,8 @@ def known_model(model_name: str, known: Mapping[str, Mapping]) -> Mapping | None
     return None
 
 
-def _meta_model(model_name: str, benchmark: str, entry: Mapping | None) -> torch.nn.Module:
+def _meta_model(model_name: str, benchmark: str, entry: Mapping | None,
+                architecture: str) -> torch.nn.Module:
     if benchmark == "vtab":
         from bayestune.models.vision import build_vision_model
 
@@ -93,7 +95,7 @@ def _meta_model(model_name: str, benchmark: str, entry: Mapping | None) -> torch
         if entry is None or "config" not in entry:
             raise
         config = AutoConfig.for_model(**entry["config"])
-    return build_text_model_from_config(config, *TEXT_HEAD, seed=0)
+    return build_text_model_from_config(config, *TEXT_HEAD, seed=0, architecture=architecture)
 
 
 def numel(shape: tuple[int, ...]) -> int:

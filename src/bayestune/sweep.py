@@ -91,6 +91,13 @@ def _dataclass_part(cls: type, section: Mapping[str, Any]) -> Any:
                   for f in fields(cls) if f.name in section})
 
 
+def architecture_of(config: Mapping[str, Any]) -> str:
+    """The config's text-model architecture (key ``architecture``; the package default)."""
+    from bayestune.models.base import DEFAULT_ARCHITECTURE
+
+    return str(config.get("architecture") or DEFAULT_ARCHITECTURE)
+
+
 def _section(config: Mapping[str, Any], name: str, overrides: Mapping[str, Any]) -> dict:
     return {**config.get(name, {}), **overrides}
 
@@ -106,7 +113,8 @@ def _task_data_cache(job: SweepJob, config: Mapping[str, Any], declared: Mapping
         sizes = (int(section.get("batch_size", 16)), int(section.get("eval_batch_size", 64)))
         if sizes not in loaded:
             loaded[sizes] = load_task_data(job.task, Path(config["prepared_dir"]) / job.task,
-                                           sizes[0], job.seed, sizes[1], declared)
+                                           sizes[0], job.seed, sizes[1], declared,
+                                           architecture_of(config))
         return loaded[sizes]
     return data
 
@@ -154,7 +162,8 @@ def run_job(job: SweepJob, config: Mapping[str, Any], device: str) -> dict[str, 
     declared = parse_custom_tasks(config.get("custom_tasks"))
     spec = get_task(job.task, declared)
     data = _task_data_cache(job, config, declared)
-    model = build_task_model(job.task, config["model"], job.seed, declared)
+    model = build_task_model(job.task, config["model"], job.seed, declared,
+                             architecture_of(config))
     mask, n_samples = _mask(job, config, model, data, device, spec)
     section = _section(config, "finetune", config.get("finetune_by_method", {}).get(job.method, {}))
     if job.method == "lora":

@@ -50,6 +50,9 @@ METHODS = list(config["methods"])
 # key model_vocabulary), which rule cut_vocabulary writes once.
 CUT_MODEL = f"{PREP}/model"
 MODEL = CUT_MODEL if config["model_vocabulary"] == "tasks" else config["model"]
+# The text models' architecture reaches every command that builds a model or tokenises
+# (bayestune.models.text); as a param of those rules, a change reruns them.
+ARCHITECTURE = config["architecture"]
 
 # Method names come from the package's registry (bayestune.methods.registry), nowhere else.
 BUDGETED = [m for m, spec in REGISTRY.items() if spec.kind == _BUDGETED]  # a mask per budget

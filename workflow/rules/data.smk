@@ -14,6 +14,7 @@ rule cut_vocabulary:
     params:
         code=CODE["cut-vocabulary"],
         source=lambda wc: [data_source(task) for task in TASKS],
+        architecture=ARCHITECTURE,
         model=config["model"],
         tasks=TASKS,
     threads: res("prepare", "threads")
@@ -24,7 +25,8 @@ rule cut_vocabulary:
         "../envs/bayestune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune cut-vocabulary --tasks {params.tasks:q}"
-        " --model {params.model:q} --out-dir {output:q} > {log:q} 2>&1"
+        " --model {params.model:q} --architecture {params.architecture}"
+        " --out-dir {output:q} > {log:q} 2>&1"
 
 
 rule prepare:
@@ -36,6 +38,7 @@ rule prepare:
         f"{RES}/logs/prepare/{{task}}.log",
     params:
         code=CODE["prepare"],
+        architecture=ARCHITECTURE,
         source=lambda wc: data_source(wc.task),
         task_file=lambda wc: task_file_flag(wc.task),
         declaration=lambda wc: task_declaration(wc.task),
@@ -50,4 +53,5 @@ rule prepare:
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune prepare --task {wildcards.task}"
         " --model {params.model:q} --out-dir {output} --max-length {params.max_length}"
+        " --architecture {params.architecture}"
         " {params.task_file} > {log} 2>&1"

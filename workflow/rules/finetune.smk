@@ -12,6 +12,7 @@ rule finetune:
         f"{RES}/logs/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}.log",
     params:
         code=CODE["finetune"],
+        architecture=ARCHITECTURE,
         model=MODEL,
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
@@ -30,6 +31,7 @@ rule finetune:
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune finetune --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed}"
+        " --architecture {params.architecture}"
         " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots}"
         " {params.source} {params.flags} {params.task_file}"
         " > {log} 2>&1"

@@ -14,6 +14,7 @@ rule mask:
         f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
         code=CODE["mask"],
+        architecture=ARCHITECTURE,
         model=MODEL,
         device=config["device"],
         gpu_slots=lambda wc: gpu_slot_flags(wc.method in GRADIENT),
@@ -34,6 +35,7 @@ rule mask:
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
+        " --architecture {params.architecture}"
         " --budgets {params.budgets} --out-dir {params.out_dir} --device {params.device}"
         " {params.gpu_slots} {params.inputs} {params.flags} {params.task_file} > {log} 2>&1"
 

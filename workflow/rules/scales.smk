@@ -15,6 +15,7 @@ rule sample:
         f"{RES}/logs/sample/{{preset}}/{{task}}/seed{{seed}}.log",
     params:
         code=CODE["sample"],
+        architecture=ARCHITECTURE,
         model=MODEL,
         device=config["device"],
         gpu_slots=gpu_slot_flags(),
@@ -33,6 +34,7 @@ rule sample:
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune sample --task {wildcards.task}"
         " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output.scales}"
+        " --architecture {params.architecture}"
         " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots}"
         " {params.flags} {params.task_file}"
         " > {log} 2>&1"

@@ -25,6 +25,7 @@ from bayestune.methods.registry import (
     MethodSpec,
     get_spec,
     method_names,
+    published_differences,
     published_label,
 )
 
@@ -37,7 +38,8 @@ __all__ = [
     "LORA_PRESETS", "METHODS", "REGISTRY", "SCORERS", "Batches", "LoraSettings", "LossFn", "Mask",
     "MaskMethod", "Masks", "MethodConfig", "MethodError", "MethodSpec", "get_spec",
     "lora_trainable_fraction", "mask_overlap", "merge_lora", "method_names", "method_scores",
-    "method_settings", "published_label", "ranking_options", "select_masks", "wrap_lora",
+    "method_settings", "published_differences", "published_label", "ranking_options",
+    "select_masks", "wrap_lora",
 ]
 
 # Names exported from the method modules, imported on first use: a job (and Snakemake, which

@@ -58,8 +58,9 @@ class MethodConfig:
     keep_head: bool | None = field(default=None, metadata={
         "type": bool, "help": "always train the task head (unset: the method's own default)"})
     head_counts_toward_budget: bool | None = field(default=None, metadata={
-        "type": bool, "help": "a kept head spends part of the budget in a global ranking "
-                              "(unset: the method's own default)"})
+        "type": bool, "help": "a kept head spends part of the budget in a global ranking; "
+                              "false: it stands outside, k = p x the ranked scalars (unset: "
+                              "the method's own default)"})
 
     def __post_init__(self) -> None:
         if self.magnitude_steps < 2 or self.sam_steps < 2:

@@ -4,7 +4,9 @@
 Here the full phase is ``lt_sft_steps`` AdamW steps at ``lt_sft_lr`` without weight decay:
 decoupled decay moves every scalar in proportion to its own size, which would rank by |theta0|
 instead of by how far the data pulled each scalar. Stage 2 restarts from theta0 (no start).
-By default the ranking is global and the head competes for the budget like any scalar.
+The head is treated as composable-sft treats it: not in the maskable set, trained fully in
+stage 2, and k = floor(p x the maskable count), ranked globally over the encoder (pooler
+included: composable-sft's maskable set is every ``base_model_prefix`` parameter).
 """
 
 from __future__ import annotations

