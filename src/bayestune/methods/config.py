@@ -70,6 +70,14 @@ class MethodConfig:
                               f"{self.fisher_examples} must be at least 1")
         if self.magnitude_warmup_epochs < 0 or self.grad_clip < 0:
             raise ConfigError("magnitude_warmup_epochs and grad_clip must be >= 0 (0 disables)")
+        # The schema's bounds, for the command line too (a NaN passes the comparisons above).
+        from bayestune.guards import check_nonnegative, check_positive
+
+        problems = [*(check_positive(n, getattr(self, n)) for n in ("magnitude_lr", "lt_sft_lr")),
+                    *(check_nonnegative(n, getattr(self, n))
+                      for n in ("magnitude_warmup_epochs", "grad_clip"))]
+        if any(problems):
+            raise ConfigError("; ".join(p for p in problems if p))
 
 
 RANKING_KEYS = ("per_tensor", "keep_head", "head_counts_toward_budget")
