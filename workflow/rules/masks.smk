@@ -34,8 +34,8 @@ rule mask:
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
-        " --budgets {params.budgets} --out-dir {params.out_dir} --device {params.device}"
-        " {params.gpu_slots} {params.inputs} {params.flags} {params.task_file} > {log} 2>&1"
+        " --budgets {params.budgets} --out-dir {params.out_dir:q} --device {params.device}"
+        " {params.gpu_slots} {params.inputs} {params.flags} {params.task_file} > {log:q} 2>&1"
 
 
 # bitfit: one mask from the architecture alone (no scores, no data, no GPU), at main_budget.

@@ -32,7 +32,8 @@ rule sample:
         "../envs/bayestune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune sample --task {wildcards.task}"
-        " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output.scales}"
-        " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots}"
+        " --model {params.model:q} --data {input.data:q} --seed {wildcards.seed}"
+        " --out {output.scales:q}"
+        " --checkpoint {params.checkpoint:q} --device {params.device} {params.gpu_slots}"
         " {params.flags} {params.task_file}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"
