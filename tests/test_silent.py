@@ -331,7 +331,7 @@ def test_two_runs_cannot_share_a_live_checkpoint(tmp_path, capsys):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "locked"
-        command = ["sample", "--task", "rte", "--model", "minilm", "--data", str(tmp_path),
+        command = ["sample", "--task", "rte", "--model", "minilm", "--data", str(tmp_path / "d"),
                    "--out", str(tmp_path / "seed0.safetensors"), "--checkpoint", str(checkpoint)]
         assert main(command) == 2
         line = error_line(capsys)
@@ -493,3 +493,40 @@ def test_data_folder_message_names_where_the_path_came_from(tmp_path):
         missing, env_name="BAYESTUNE_GLUE_DIR", key="glue_dir", from_env=False)
     assert check_data_dir("hub", env_name="X", key="glue_dir", from_env=False) is None
     assert check_data_dir(str(tmp_path), env_name="X", key="glue_dir", from_env=False) is None
+
+
+# --- found by probing: outputs that cannot be written or would land in what is read ------------
+def test_outputs_are_checked_before_any_work(tmp_path, tiny_model_dir, task_data, capsys):  # noqa: F811
+    raw, prepared, _ = task_data
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder").mkdir()
+    cases = {
+        "under a file": (str(tmp_path / "afile" / "s.safetensors"), "is a file, not a folder"),
+        "a folder": (str(tmp_path / "folder"), "is a folder; give the path of a file"),
+        "in the prepared data": (str(prepared / "tokens.safetensors"), "lies inside --data"),
+    }
+    before = (prepared / "tokens.safetensors").read_bytes()
+    for out, expected in cases.values():
+        assert main(sample_command(tiny_model_dir, prepared, Path(out))) == 2
+        assert expected in error_line(capsys)
+    assert (prepared / "tokens.safetensors").read_bytes() == before
+    assert main(["prepare", "--task", "rte", "--model", tiny_model_dir, "--data-dir",
+                 str(raw.parent), "--out-dir", str(raw)]) == 2
+    assert "lies inside the task's raw data folder" in error_line(capsys)
+    assert not (raw / "tokens.safetensors").exists()
+
+
+def test_unreadable_inputs_of_other_commands_end_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    assert main(["diagnose", str(tmp_path / "notes.txt")]) == 2
+    assert "neither a scale file (.safetensors) nor a sampler checkpoint" in error_line(capsys)
+    files.write_json(tmp_path / "jobs.json", {"version": jobs.JOB_LIST_VERSION, "config": "x",
+                                              "jobs": [{"id": "a", "rule": "r", "argv": [],
+                                                        "priority": 1}]})
+    assert main(["run-jobs", "--jobs", str(tmp_path / "jobs.json")]) == 2
+    assert "does not fit this version" in error_line(capsys)
+    from bayestune import data_source
+
+    assert data_source.main(["--config", str(tmp_path / "none.yaml"), "--out",
+                             str(tmp_path / "s.json")]) == 2
+    assert "cannot read the run config" in capsys.readouterr().err

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from bayestune import __version__
 from bayestune.errors import BayesTuneError, ConfigError
-from bayestune.guards import nonnegative_int, positive_int
+from bayestune.guards import accept_negative_numbers, nonnegative_int, positive_int
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bayestune")
 LOG_EVERY = 100  # steps between the log lines of sample and finetune jobs
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
 Config = TypeVar("Config")
 
 
@@ -95,10 +93,14 @@ def declared_tasks(args: argparse.Namespace) -> dict:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from bayestune.guards import check_outside, raw_task_folder
     from bayestune.tasks import prepare_task
 
+    declared = declared_tasks(args)
+    check_outside("--out-dir", args.out_dir, "the task's raw data folder",
+                  raw_task_folder(args.task, args.data_dir, declared))
     prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length,
-                 custom_tasks=declared_tasks(args))
+                 custom_tasks=declared)
 
 
 def _model_and_data(args: argparse.Namespace):
@@ -260,7 +262,8 @@ def cmd_mask(args: argparse.Namespace) -> None:
 
     config = config_from_args(args, MethodConfig)
     out_dir = Path(args.out_dir)
-    targets = {f"mask {mask_file_name(b)}": out_dir / mask_file_name(b) for b in args.budgets}
+    targets = {f"--out-dir's {mask_file_name(b)}": out_dir / mask_file_name(b)
+               for b in args.budgets}
     if REGISTRY[args.method].writes_start:
         targets["--start-out"] = args.start_out or out_dir / START_FILE_NAME
     check_distinct(targets, {"--scores": args.scores, "--data": args.data})
@@ -386,9 +389,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         dataclasses.replace(base, **{k: v for k, v in candidate.items()
                                      if k not in (MASK_KEY, PRESET_KEY)})
     outputs = {name: Path(args.out_dir) / name for name in ("delta.safetensors", "metrics.json")}
+    named = {f"--out-dir's {name}": path for name, path in outputs.items()}
     masks_read = {f"candidate mask {c[MASK_KEY]}": c[MASK_KEY] for c in candidates
                   if MASK_KEY in c}
-    check_distinct(outputs, {"--mask": args.mask, "--start": args.start, "--data": args.data,
+    check_distinct(named, {"--mask": args.mask, "--start": args.start, "--data": args.data,
                              **masks_read})
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -803,11 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=1, help="jobs run at once")
     p.add_argument("--device", default="cpu", help="cpu or cuda (workers share one GPU)")
     p.set_defaults(func=cmd_sweep)
-    # Python 3.11's argparse takes "-1e-3" for an option (its pattern of negative numbers has
-    # no exponent) and says "expected one argument"; every parser here has no option that
-    # looks like a number, so any number may be a value, and the config checks judge it.
-    for each in (parser, *sub.choices.values()):
-        each._negative_number_matcher = NEGATIVE_NUMBER
+    accept_negative_numbers([parser, *sub.choices.values()])
     return parser
 
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bayestune.errors import BayesTuneError
 from bayestune.provenance import folder_fingerprint
 
 HUB = "hub"
@@ -75,8 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="run config (YAML)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text())
-    found = sources(config)
+    try:
+        config = yaml.safe_load(args.config.read_text())
+        found = sources(config)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, BayesTuneError) as err:
+        print(f"bayestune.data_source: error: {args.config}: cannot read the run config's "
+              f"tasks and data folder ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
     # Rewritten only when it changes, so that its timestamp too says when the data changed.
     record = {"config": str(args.config), "sources": found}
     if not args.out.is_file() or json.loads(args.out.read_text()) != record:

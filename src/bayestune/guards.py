@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -44,6 +45,17 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from err
 
 
+# Python 3.11's argparse takes "-1e-3" for an option (its pattern of negative numbers has no
+# exponent) and says "expected one argument"; no parser here has an option that looks like a
+# number, so any number may be a value, and the config checks judge it.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+
+
+def accept_negative_numbers(parsers: Iterable[argparse.ArgumentParser]) -> None:
+    for parser in parsers:
+        parser._negative_number_matcher = NEGATIVE_NUMBER  # the pattern argparse consults
+
+
 def check_positive(name: str, value: float) -> str | None:
     """A problem with a rate or scale that must be a finite number > 0, or None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -68,16 +80,55 @@ def _same(a: Path, b: Path) -> bool:
 
 def check_distinct(outputs: Mapping[str, PathLike | None],
                    inputs: Mapping[str, PathLike | None]) -> None:
-    """Refuse a command whose output would overwrite one of its inputs, a file it keeps (a
-    checkpoint) or another of its outputs: the command would otherwise end with exit status 0
-    and a lost or replaced file. Keys name the flag (or the file) in the message."""
+    """Refuse, before anything is computed, a command whose output could not be written (a
+    folder there, or a file where a parent folder should be), would overwrite one of its
+    inputs, a file it keeps (a checkpoint) or another of its outputs, or would land inside an
+    input folder (the prepared data): the command would otherwise end with a traceback after
+    the work, or with exit status 0 and a lost or replaced file. Keys name the flag (or the
+    file) in the message."""
     outs = [(name, Path(p)) for name, p in outputs.items() if p is not None]
     ins = [(name, Path(p)) for name, p in inputs.items() if p is not None]
     for k, (name, out) in enumerate(outs):
+        _check_writable(name, out)
         for other, path in [*ins, *outs[k + 1:]]:
             if _same(out, path):
                 raise ConfigError(f"{name} {out} is the same file as {other} {path}: writing it "
                                   f"would replace that file; give {name} another path")
+        for other, path in ins:
+            check_outside(name, out, other, path)
+
+
+def check_outside(name: str, path: PathLike, other: str, folder: PathLike | None) -> None:
+    """Refuse ``path`` (a folder a command writes) inside ``folder`` (one it reads)."""
+    if folder is None or not Path(folder).is_dir():
+        return
+    if Path(path).resolve().is_relative_to(Path(folder).resolve()):
+        raise ConfigError(f"{name} {path} lies inside {other} {folder}, which this command "
+                          "reads: give it a path outside that folder")
+
+
+def raw_task_folder(task: str, data_dir: PathLike | None,
+                    declared: Mapping[str, object]) -> Path | None:
+    """The folder ``prepare`` reads a task's raw files from (None: the Hub). It is read, never
+    written: a token cache there would change the data's fingerprint."""
+    if task in declared:
+        return Path(declared[task].data)  # type: ignore[attr-defined]
+    env = "BAYESTUNE_VTAB_DIR" if task.startswith("vtab-") else "BAYESTUNE_GLUE_DIR"
+    root = data_dir or os.environ.get(env)
+    if not root or str(root) == "hub":
+        return None
+    return Path(root) / task.removeprefix("vtab-")
+
+
+def _check_writable(name: str, out: Path) -> None:
+    if out.is_dir():
+        raise ConfigError(f"{name} {out} is a folder; give the path of a file to write")
+    probe = out.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot write {name} {out}: {probe} is a file, not a folder; choose "
+                          "another path (or move that file)")
 
 
 # --- the prepared data a run reads ----------------------------------------------------------

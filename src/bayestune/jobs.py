@@ -105,7 +105,12 @@ def read_job_list(path: Path) -> list[Job]:
     if record.get("version") != JOB_LIST_VERSION or "jobs" not in record:
         raise files.FileFormatError(f"{path}: not a job list of version {JOB_LIST_VERSION}; "
                                     "render it again with bayestune render-jobs")
-    return [Job(**job) for job in record["jobs"]]
+    try:
+        return [Job(**job) for job in record["jobs"]]
+    except TypeError as err:  # a field this version does not know, or one missing
+        raise files.FileFormatError(f"{path}: a job of the list does not fit this version "
+                                    f"({err}); render it again with bayestune "
+                                    "render-jobs") from err
 
 
 def carry_model(model_name: str, out_dir: Path) -> Path:
