@@ -51,6 +51,29 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 
 
+# What the schema cannot check (values against each other, a NaN, the folders), before any job
+# starts: every problem in one message naming its config key. A missing data folder only
+# warns in a dry run, which reads no data (plan, render-jobs on a machine without it).
+from bayestune.errors import ConfigError
+from bayestune.run_checks import check_data_dir, check_run_config
+
+_data_problem = (
+    check_data_dir(DATA_DIR, env_name=_DATA_ENV, key=_DATA_KEY,
+                   from_env=bool(os.environ.get(_DATA_ENV)))
+    if any(t not in CUSTOM_TASKS for t in TASKS)
+    else None
+)
+if _data_problem and workflow.dryrun:
+    print(f"warning: {_data_problem}", file=sys.stderr)
+    _data_problem = None
+try:
+    check_run_config(config, presets=PRESETS, seeds=SEEDS, methods=METHODS,
+                     candidates={m: method_grid(TUNING, m) for m in METHODS} if TUNING else {},
+                     data_problem=_data_problem)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+
 rule all:
     default_target: True
     input:

@@ -164,9 +164,11 @@ def finished_run(factory: pytest.TempPathFactory, glue_dir: Path) -> FinishedRun
         copy_package(run)  # DVC hashes the stage's deps; the rules hash what they run
         tiny_config(run, "tests/config/tiny_fair.yaml", glue_dir, model)
         stages = yaml.safe_load((run / "dvc.yaml").read_text())
-        stages["stages"]["glue"]["foreach"] = {"tiny": {
-            "config": "tests/config/tiny_fair.yaml", "results": "results/tiny",
-            "data": "data/tiny"}}
+        tiny = {"config": "tests/config/tiny_fair.yaml", "results": "results/tiny",
+                "data": "data/tiny", "sources": "data/sources/tiny.json"}
+        stages["stages"]["glue"]["foreach"] = {"tiny": tiny}
+        stages["stages"]["sources"]["foreach"] = {"tiny": {"config": tiny["config"],
+                                                           "out": tiny["sources"]}}
         del stages["stages"]["vtab"]
         (run / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
         env = workflow_env()

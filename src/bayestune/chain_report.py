@@ -4,6 +4,7 @@ diagnostics) or of a sampler checkpoint, and the agreement across the seeds of o
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
@@ -127,6 +128,9 @@ def describe(path: str | Path) -> dict[str, Any]:
         raise files.MissingFileError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         return describe_scale_file(path)
+    if not zipfile.is_zipfile(path):  # a checkpoint is a torch.save archive
+        raise files.FileFormatError(f"{path}: neither a scale file (.safetensors) nor a sampler "
+                                    "checkpoint (.ckpt); diagnose reads those two")
     return describe_checkpoint(path)
 
 

@@ -7,6 +7,7 @@ their config dataclasses, so a config key, a flag and a field always share one n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from bayestune import __version__
 from bayestune.errors import BayesTuneError, ConfigError
+from bayestune.guards import accept_negative_numbers, nonnegative_int, positive_int
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -91,10 +93,14 @@ def declared_tasks(args: argparse.Namespace) -> dict:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from bayestune.guards import check_outside, raw_task_folder
     from bayestune.tasks import prepare_task
 
+    declared = declared_tasks(args)
+    check_outside("--out-dir", args.out_dir, "the task's raw data folder",
+                  raw_task_folder(args.task, args.data_dir, declared))
     prepare_task(args.task, args.model, args.out_dir, args.data_dir, args.max_length,
-                 custom_tasks=declared_tasks(args), architecture=args.architecture)
+                 custom_tasks=declared, architecture=args.architecture)
 
 
 def made_with(model) -> dict:
@@ -120,6 +126,10 @@ def cmd_cut_vocabulary(args: argparse.Namespace) -> None:
 def _model_and_data(args: argparse.Namespace):
     from bayestune.tasks import build_task_model, get_task, load_task_data
 
+    if args.data is None:
+        raise ConfigError(f"{args.command} trains on the task's data: pass --data, the folder "
+                          f"`bayestune prepare --task {args.task} --out-dir ...` wrote")
+
     declared = declared_tasks(args)
     spec = get_task(args.task, declared)
     model = build_task_model(args.task, args.model, args.seed, declared, args.architecture)
@@ -140,38 +150,52 @@ def sampler_config_from_args(args: argparse.Namespace):
 def cmd_sample(args: argparse.Namespace) -> None:
     from bayestune import files
     from bayestune.diagnostics import ChainMonitor, rank_agreement, write_chain_diagnostics
+    from bayestune.guards import check_distinct, prepared_fingerprint
+    from bayestune.liveness import exclusive_lock
     from bayestune.models.base import resolve_device, task_loss
     from bayestune.sampler import sample_scales, write_scale_file
     from bayestune.scale_checks import weight_scale
     from bayestune.tasks.base import val_scorer
 
     config = sampler_config_from_args(args)
-    spec, model, data = _model_and_data(args)
-    largest_weight = weight_scale(model)  # before sampling moves theta away from theta0
-    fisher = _fisher_at_start(args, model, data)
-    monitor = ChainMonitor()
-    # What the task gives the sampler: the epoch's length (jiant schedule) and a validation
-    # score on the first val_subset examples (the length rule).
-    validate = (val_scorer(data, spec, config.val_subset, resolve_device(args.device))
-                if config.patience > 0 else None)
-    result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
-                           device=args.device, checkpoint_path=args.checkpoint,
-                           progress=not args.quiet, steps_per_epoch=len(data.train),
-                           validate=validate, log_every=args.log_every,
-                           chain_monitor=monitor)
-    _check_scales(args, config, result.mean, largest_weight)
-    run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
-    write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
-                     provenance=run, extra=made_with(model))
-    agreement = rank_agreement(monitor.final_scores(model, result.mean, fisher))
-    write_chain_diagnostics(args.out, monitor, agreement, run={
-        "task": args.task, "seed": args.seed, "preset": config.preset,
-        "model_id": model.model_id, **made_with(model), "steps": result.steps,
-        "n_samples": result.n_samples,
-        "fisher_examples": args.diagnostics_fisher_examples if fisher is not None else 0})
-    if args.checkpoint is not None:
-        # The scale file is the product; a finished run's checkpoint is only dead weight.
-        files.remove_output(args.checkpoint)
+    outputs = dict(zip(("--out", "its diagnostics", "its traces"),
+                       (args.out, *files.diagnostics_paths(args.out)), strict=True))
+    check_distinct(outputs, {"--checkpoint": args.checkpoint, "--data": args.data})
+    with (exclusive_lock(args.checkpoint, "checkpoint") if args.checkpoint is not None
+          else contextlib.nullcontext()):
+        spec, model, data = _model_and_data(args)
+        largest_weight = weight_scale(model)  # before sampling moves theta away from theta0
+        fisher = _fisher_at_start(args, model, data)
+        monitor = ChainMonitor()
+        # What the task gives the sampler: the epoch's length (jiant schedule) and a validation
+        # score on the first val_subset examples (the length rule).
+        validate = (val_scorer(data, spec, config.val_subset, resolve_device(args.device))
+                    if config.patience > 0 else None)
+        inputs = {"task": args.task, "data": prepared_fingerprint(args.data),
+                  "batch_size": args.batch_size, "steps_per_epoch": len(data.train)}
+        result = sample_scales(model, data.train_epoch, task_loss, config, seed=args.seed,
+                               device=args.device, checkpoint_path=args.checkpoint,
+                               progress=not args.quiet, steps_per_epoch=len(data.train),
+                               validate=validate, log_every=args.log_every,
+                               chain_monitor=monitor, inputs=inputs)
+        accepted = _check_scales(args, config, result.mean, largest_weight)
+        run = _provenance(args, {"sampler": config, "batch_size": args.batch_size})
+        agreement = rank_agreement(monitor.final_scores(model, result.mean, fisher))
+        # The scale file is written last, after the old diagnostics are gone: a run killed
+        # between the writes never leaves new scales beside an older run's diagnostics.
+        for path in outputs.values():
+            files.remove_output(path)
+        write_chain_diagnostics(args.out, monitor, agreement, run={
+            "task": args.task, "seed": args.seed, "preset": config.preset,
+            "model_id": model.model_id, **made_with(model), "steps": result.steps,
+            "n_samples": result.n_samples,
+            "fisher_examples": args.diagnostics_fisher_examples if fisher is not None else 0})
+        write_scale_file(args.out, result, config, seed=args.seed, model_id=model.model_id,
+                         provenance=run, accepted_problems=accepted,
+                         extra=made_with(model))
+        if args.checkpoint is not None:
+            # The scale file is the product; a finished run's checkpoint is only dead weight.
+            files.remove_output(args.checkpoint)
     log.info("wrote %s (%d samples averaged)", args.out, result.n_samples)
 
 
@@ -221,19 +245,20 @@ def _chain_figures(args: argparse.Namespace) -> None:
 
 
 def _check_scales(args: argparse.Namespace, config: SamplerConfig, scales: Mapping[str, Tensor],
-                  largest_weight: float) -> None:
-    """Fail the job on a degenerate chain, unless --allow-degenerate-scales."""
+                  largest_weight: float) -> list[str]:
+    """Fail the job on a degenerate chain, unless --allow-degenerate-scales; return the
+    problems so accepted (the scale file records them, and `mask` reads them as accepted)."""
     from bayestune.scale_checks import DegenerateScalesError, scale_problems
 
     problems = scale_problems(scales, floor=config.lambda_floor, largest_weight=largest_weight,
                               lr_lambda=config.lr_lambda)
     if not problems:
-        return
+        return []
     run = f"stage 1 of {args.task}, seed {args.seed} ({args.out})"
     if args.allow_degenerate_scales:
         log.warning("%s: degenerate scales kept (--allow-degenerate-scales): %s", run,
                     "; ".join(problems))
-        return
+        return problems
     restart = (f"; delete the checkpoint {args.checkpoint} before rerunning with other settings"
                if args.checkpoint is not None else "")
     raise DegenerateScalesError(f"{run}: {'; '.join(problems)}{restart}. To keep these scales "
@@ -243,6 +268,7 @@ def _check_scales(args: argparse.Namespace, config: SamplerConfig, scales: Mappi
 def cmd_mask(args: argparse.Namespace) -> None:
     from bayestune import files
     from bayestune.file_origin import check_made_for
+    from bayestune.guards import check_distinct
     from bayestune.masks import START_FILE_NAME, check_selects_some, mask_file_name, mask_metadata
     from bayestune.methods import (
         MethodConfig,
@@ -252,11 +278,18 @@ def cmd_mask(args: argparse.Namespace) -> None:
         ranking_options,
         select_masks,
     )
+    from bayestune.methods.registry import REGISTRY
     from bayestune.models.base import resolve_device, task_loss
     from bayestune.provenance import upstream
     from bayestune.tasks import build_task_model, load_task_data
 
     config = config_from_args(args, MethodConfig)
+    out_dir = Path(args.out_dir)
+    targets = {f"--out-dir's {mask_file_name(b)}": out_dir / mask_file_name(b)
+               for b in args.budgets}
+    if REGISTRY[args.method].writes_start:
+        targets["--start-out"] = args.start_out or out_dir / START_FILE_NAME
+    check_distinct(targets, {"--scores": args.scores, "--data": args.data})
     declared = declared_tasks(args)
     model = build_task_model(args.task, args.model, args.seed, declared, args.architecture)
     model.to(resolve_device(args.device))  # the gradient methods' passes run where it sits
@@ -268,6 +301,13 @@ def cmd_mask(args: argparse.Namespace) -> None:
         check_made_for(score_meta, args.scores, "score", model=model.model_id,
                        architecture=model.architecture)
         files.check_matches_model(scores, shapes, args.scores, "score")
+        if score_meta.get("kind") == "scales":
+            from bayestune.scale_checks import check_scale_file, weight_scale
+
+            accepted = check_scale_file(scores, score_meta, args.scores, weight_scale(model))
+            if accepted:
+                log.warning("%s: degenerate scales used as accepted by stage 1: %s",
+                            args.scores, "; ".join(accepted))
         chain = upstream(score_meta, "scales")
     batches = None
     if args.data is not None:
@@ -281,6 +321,10 @@ def cmd_mask(args: argparse.Namespace) -> None:
     run = {"task": args.task, "seed": args.seed, "model": model.model_id, **made_with(model)}
     made_by = _provenance(args, {"method": args.method, "mask": config,
                                  "batch_size": args.batch_size})
+    # Every file of an earlier run goes before the first new one is written, so that a run
+    # killed between its writes leaves files of one run only (and the missing ones to redo).
+    for path in targets.values():
+        files.remove_output(path)
     out_dir = Path(args.out_dir)
     settings = {**options, **method_settings(config), **made_with(model)}
     for budget, mask in masks.items():
@@ -291,7 +335,8 @@ def cmd_mask(args: argparse.Namespace) -> None:
         files.save_mask(out_dir / mask_file_name(budget), mask, {**meta, "upstream": chain},
                         made_by)
     if masks.start is not None:
-        files.save_model_state(args.start_out or out_dir / START_FILE_NAME, masks.start,
+        start_path = targets.get("--start-out", args.start_out or out_dir / START_FILE_NAME)
+        files.save_model_state(start_path, masks.start,
                                {"method": args.method, "start_of": "stage 2", **run,
                                 **method_settings(config), "upstream": chain}, made_by)
 
@@ -359,6 +404,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from bayestune import convergence, files
     from bayestune.delta import make_delta
     from bayestune.finetune import FinetuneConfig, finetune
+    from bayestune.guards import check_distinct
     from bayestune.masks import mask_fraction
     from bayestune.models.base import resolve_device
     from bayestune.provenance import upstream
@@ -373,6 +419,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.mask is None and any(MASK_KEY in c for c in candidates):
         raise ConfigError("a candidate names a mask but the run has no --mask: give the mask "
                           "method's --mask (candidates then replace it)")
+    for candidate in candidates:  # each candidate's settings checked before any training
+        dataclasses.replace(base, **{k: v for k, v in candidate.items()
+                                     if k not in (MASK_KEY, PRESET_KEY)})
+    outputs = {name: Path(args.out_dir) / name for name in ("delta.safetensors", "metrics.json")}
+    named = {f"--out-dir's {name}": path for name, path in outputs.items()}
+    masks_read = {f"candidate mask {c[MASK_KEY]}": c[MASK_KEY] for c in candidates
+                  if MASK_KEY in c}
+    check_distinct(named, {"--mask": args.mask, "--start": args.start, "--data": args.data,
+                             **masks_read})
     spec, model, data = _model_and_data(args)
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
     masks: dict = {}
@@ -425,11 +480,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
         lora_preset = lora.effective_preset()
         model = merge_lora(best_model)
-    out_dir = Path(args.out_dir)
     delta = make_delta(model.cpu(), theta0)
     made_by = _provenance(args, {"method": method, "finetune": settings,
                                  **({"lora": dataclasses.asdict(lora)} if lora else {})})
-    files.save_delta(out_dir / "delta.safetensors", delta,
+    # metrics.json is the run's commit marker, written last (the report reads only runs that
+    # have one): an earlier run's goes first, so a run killed after its delta never leaves
+    # the new delta beside the old run's scores.
+    files.remove_output(outputs["metrics.json"])
+    files.save_delta(outputs["delta.safetensors"], delta,
                      {"task": args.task, "model": model.model_id, **made_with(model),
                       "seed": args.seed, "method": method, "budget": budget, "upstream": chain},
                      made_by)
@@ -450,7 +508,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         "stop_reason": convergence.stop_reason(t["result"].history, t["result"].best_step,
                                                t["config"].patience),
     } for t in tried]}
-    files.write_json(out_dir / "metrics.json", {
+    files.write_json(outputs["metrics.json"], {
         "method": method, "budget": budget, "task": args.task, "seed": args.seed,
         "model": model.model_id, **made_with(model), "metric": spec.metric_name,
         "test_score": result.test_score, "val_score": result.val_score,
@@ -481,8 +539,10 @@ def cmd_apply_delta(args: argparse.Namespace) -> None:
         recorded_architecture,
         recorded_seed,
     )
+    from bayestune.guards import check_distinct
     from bayestune.tasks import build_task_model
 
+    check_distinct({"--out": args.out}, {"--delta": args.delta})
     delta, meta = files.load_delta(args.delta)
     # The delta holds only the scalars that changed: a frozen head (and a drawn pooler) must be
     # rebuilt from the run's own seed and architecture, or the model silently gets other ones.
@@ -618,15 +678,15 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, seed_default:
     _architecture_flag(parser, recorded=architecture_help)
     if data:
         parser.add_argument("--data", type=Path, help="prepared task folder (bayestune prepare)")
-        parser.add_argument("--batch-size", type=int, default=16)
-        parser.add_argument("--eval-batch-size", type=int, default=64)
+        parser.add_argument("--batch-size", type=positive_int, default=16)
+        parser.add_argument("--eval-batch-size", type=positive_int, default=64)
         parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
         parser.add_argument("--gpu-slots", type=Path, default=None,
                             help="folder of GPU slot locks shared by a run's jobs: with several "
                                  "GPUs visible, auto and cuda take a free slot's GPU")
         # From the environment too: the workflow sets it outside the rules' commands, so that
         # changing it reruns nothing.
-        parser.add_argument("--jobs-per-gpu", type=int,
+        parser.add_argument("--jobs-per-gpu", type=positive_int,
                             default=int(os.environ.get("BAYESTUNE_JOBS_PER_GPU") or 1),
                             help="with --gpu-slots: jobs that may share one GPU (default from "
                                  "$BAYESTUNE_JOBS_PER_GPU, else 1)")
@@ -644,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true",
                         default=os.environ.get("BAYESTUNE_QUIET", "") not in ("", "0"),
                         help="no progress bars (default from $BAYESTUNE_QUIET)")
-    parser.add_argument("--log-every", type=int, metavar="N",
+    parser.add_argument("--log-every", type=nonnegative_int, metavar="N",
                         default=int(os.environ.get("BAYESTUNE_LOG_EVERY") or LOG_EVERY),
                         help="sample and finetune log a line (step, loss, ...) every N steps "
                              f"and at each validation; 0: none (default from "
@@ -658,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="local data of a built-in task (default: $BAYESTUNE_GLUE_DIR / "
                         "$BAYESTUNE_VTAB_DIR); a declared task names its own")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=positive_int, default=128)
     _architecture_flag(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -681,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-degenerate-scales", action="store_true",
                    help="write the scale file even when the scales are degenerate (NaN, far "
                         "above any plausible size, or all equal), which otherwise fails the job")
-    p.add_argument("--diagnostics-fisher-examples", type=int, default=32, metavar="N",
+    p.add_argument("--diagnostics-fisher-examples", type=nonnegative_int, default=32,
+                   metavar="N",
                    help="chain diagnostics: training examples of the Fisher score the posterior "
                         "mean is compared with (0: no Fisher comparison)")
     add_config_flags(p, SamplerConfig, given_only=True)
@@ -765,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="step time and memory against plain AdamW")
     p.add_argument("--out", type=Path, default=Path("results/bench/bench.json"))
     p.add_argument("--model", default="minilm", help="minilm or roberta-base-random")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=positive_int, default=12)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
 
@@ -797,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-jobs", help="run a job list without Snakemake: dependency order, "
                                         "N at once, resumable, a log per job")
     p.add_argument("--jobs", type=Path, required=True, help="job list (bayestune render-jobs)")
-    p.add_argument("--slots", type=int, default=1, help="jobs run at once (they share the "
+    p.add_argument("--slots", type=positive_int, default=1, help="jobs run at once (they share the "
                    "device: several small jobs fill one GPU)")
     p.add_argument("--state", type=Path, default=None,
                    help="folder of the run's success markers (default: .run_jobs/<list name>)")
@@ -815,9 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="*", type=int, help="default: the config's seeds")
     p.add_argument("--model", help="replace the config's model (e.g. a local folder)")
     p.add_argument("--prepared-dir", help="replace the config's prepared_dir")
-    p.add_argument("--workers", type=int, default=1, help="jobs run at once")
+    p.add_argument("--workers", type=positive_int, default=1, help="jobs run at once")
     p.add_argument("--device", default="cpu", help="cpu or cuda (workers share one GPU)")
     p.set_defaults(func=cmd_sweep)
+    accept_negative_numbers([parser, *sub.choices.values()])
     return parser
 
 
@@ -825,7 +887,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     started = time.time()
+    from bayestune.liveness import PARENT_GONE, watch_parent
+
+    watched = None
     try:
+        watched = watch_parent()  # a workflow's job stops when its Snakemake is gone
         if getattr(args, "gpu_slots", None) is not None:
             from bayestune.devices import assign_device
 
@@ -836,6 +902,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # of the machine (out of memory, ...) and keeps its traceback.
         print(f"bayestune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if watched is None or not PARENT_GONE.is_set():
+            raise
+        print(f"bayestune {args.command}: stopped: the process that started it (pid {watched}, "
+              "$BAYESTUNE_WATCH_PID) is gone; rerun the workflow to go on (a sampler resumes "
+              "from its checkpoint)", file=sys.stderr)
+        return 130
     log.info("%s done in %.1f s", args.command, time.time() - started)
     return 0
 

@@ -14,6 +14,7 @@ section "Diagnostics", says how to read the numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -109,7 +110,9 @@ class ChainMonitor:
     below the noise's RMS. The noise part is ``noise_scale * xi`` with xi standard normal:
     RMS ``noise_scale``, median |.| 0.674 ``noise_scale`` (closed form, never drawn). After
     every ``trace_every``-th step (default: the thinning) it copies max(lambda, floor) of
-    :data:`TRACE_SIZE` fixed scalars. A resumed run's diagnostics start at the resume.
+    :data:`TRACE_SIZE` fixed scalars. A sampler checkpoint carries what the monitor saw so far
+    (:meth:`state_dict`), so a resumed run's diagnostics cover the whole chain; ``resumed_at``
+    lists the steps it was resumed at.
     """
 
     every: int | None = None
@@ -120,6 +123,7 @@ class ChainMonitor:
     trace_values: list[Tensor] = field(default_factory=list)
     started_at: int | None = None
     theta0: Tensor | None = None
+    resumed_at: list[int] = field(default_factory=list)
 
     def attach(self, sampler: Sampler) -> None:
         """Bind to a new sampler (before any checkpoint is resumed into it)."""
@@ -182,6 +186,35 @@ class ChainMonitor:
         lam = sampler.lam_flat.detach()[self.trace_index].clamp_min(self.floor)
         self.trace_steps.append(done)
         self.trace_values.append(lam.float().cpu())
+
+    # --- in a sampler checkpoint ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What was measured and traced so far, in plain types (a checkpoint loads with
+        ``weights_only``)."""
+        return {"every": self.every, "trace_every": self.trace_every,
+                "started_at": self.started_at, "resumed_at": list(self.resumed_at),
+                "phases": {name: dataclasses.asdict(t) for name, t in self.phases.items()},
+                "measured": [list(m) for m in self.measured],
+                "trace_steps": list(self.trace_steps),
+                "trace_values": (torch.stack(self.trace_values) if self.trace_values
+                                 else None)}
+
+    def load_state_dict(self, state: dict[str, Any] | None, *, resumed_at: int) -> None:
+        """Go on from a checkpoint's record (None: a checkpoint written without a monitor, so
+        the diagnostics start at the resume, which the summary then says)."""
+        self.resumed_at.append(resumed_at)
+        if state is None:
+            log.warning("the checkpoint holds no chain diagnostics; they cover step %d on",
+                        resumed_at)
+            return
+        self.every, self.trace_every = state["every"], state["trace_every"]
+        self.started_at = state["started_at"]
+        self.resumed_at = [*state["resumed_at"], resumed_at]
+        self.phases = {name: PhaseTally(**t) for name, t in state["phases"].items()}
+        self.measured = [tuple(m) for m in state["measured"]]
+        self.trace_steps = list(state["trace_steps"])
+        values = state["trace_values"]
+        self.trace_values = list(values) if values is not None else []
 
     # --- at the end ---------------------------------------------------------------------------
     def phase_summary(self) -> dict[str, dict[str, Any]]:
@@ -262,7 +295,8 @@ def chain_summary(monitor: ChainMonitor, agreement: Mapping[str, Any] | None, *,
                   run: Mapping[str, Any]) -> dict[str, Any]:
     """What the diagnostics file holds: the run, per-phase gradient sizes, the agreement."""
     return {**run, "measure_every": monitor.every, "trace_every": monitor.trace_every,
-            "started_at_step": monitor.started_at, "noise_scale": monitor.noise_scale,
+            "started_at_step": monitor.started_at, "resumed_at_steps": monitor.resumed_at,
+            "noise_scale": monitor.noise_scale,
             "phases": monitor.phase_summary(), "rank_agreement": agreement}
 
 

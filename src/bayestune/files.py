@@ -517,8 +517,9 @@ def load_checkpoint(path: PathLike) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's is long
         raise FileFormatError(
-            f"{path}: unreadable checkpoint ({err}); delete it to start over") from err
+            f"{path}: unreadable checkpoint ({first}); delete it to start over") from err
 
 
 # --- model weights: a full state dict (base model + delta applied) --------------------------

@@ -97,6 +97,14 @@ class FinetuneConfig:
                               f"{self.min_steps}, {self.val_subset}, {self.epochs})")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        # The schema's bounds, for the command line too: lr 0 would train nothing and exit 0.
+        from bayestune.guards import check_nonnegative, check_positive
+
+        problems = [check_positive("lr", self.lr),
+                    *(check_nonnegative(name, getattr(self, name))
+                      for name in ("weight_decay", "grad_clip"))]
+        if any(problems):
+            raise ConfigError("; ".join(p for p in problems if p))
 
 
 @dataclass

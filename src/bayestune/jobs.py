@@ -8,13 +8,17 @@ the package but no Snakemake (a lent GPU with no network): up to ``--slots`` job
 job once every job writing one of its inputs has finished, each with this interpreter
 (``python -m bayestune ...``) and its output in its own log. It is resumable: a job whose
 outputs exist and whose success was recorded is skipped. A failed job fails the jobs that
-need it, not the others; the run then exits non-zero and names the logs to read. Per-job
+need it, not the others; the run then exits non-zero and names the logs to read. A success
+marker records the job's command, so a job whose command changed (another seed, other flags)
+runs again, and so does every job that needs a job that ran. Per-job
 wall times, how many ran at once and the seconds per optimiser step go to a CSV and the
 console, so that a cost table can be corrected from the run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from bayestune import files
 from bayestune.errors import ConfigError, RunFailedError
+from bayestune.liveness import WATCH_ENV
 
 JOB_LIST_VERSION = 1
 STATE_FOLDER = ".run_jobs"  # per job list: success markers, beside the results
@@ -100,7 +105,12 @@ def read_job_list(path: Path) -> list[Job]:
     if record.get("version") != JOB_LIST_VERSION or "jobs" not in record:
         raise files.FileFormatError(f"{path}: not a job list of version {JOB_LIST_VERSION}; "
                                     "render it again with bayestune render-jobs")
-    return [Job(**job) for job in record["jobs"]]
+    try:
+        return [Job(**job) for job in record["jobs"]]
+    except TypeError as err:  # a field this version does not know, or one missing
+        raise files.FileFormatError(f"{path}: a job of the list does not fit this version "
+                                    f"({err}); render it again with bayestune "
+                                    "render-jobs") from err
 
 
 def carry_model(model_name: str, out_dir: Path) -> Path:
@@ -164,8 +174,21 @@ def _marker(state: Path, job: Job) -> Path:
     return state / (job.id.replace(os.sep, "__").replace(":", "_") + ".done")
 
 
+def command_key(job: Job) -> str:
+    """What a success marker records: the job's command, inputs and outputs."""
+    text = json.dumps([job.argv, sorted(job.inputs), sorted(job.outputs)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _finished_before(state: Path, job: Job) -> bool:
-    return _marker(state, job).exists() and all(Path(p).exists() for p in job.outputs)
+    marker = _marker(state, job)
+    if not (marker.is_file() and all(Path(p).exists() for p in job.outputs)):
+        return False
+    try:
+        recorded = json.loads(marker.read_text()).get("command")
+    except (ValueError, AttributeError):  # an older marker, which recorded no command
+        return False
+    return recorded == command_key(job)
 
 
 def bayestune_command(job: Job) -> list[str]:
@@ -199,11 +222,12 @@ def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, 
         raise ConfigError(f"--slots must be at least 1 (got {slots})")
     env = dict(os.environ if env is None else env)
     env.setdefault("BAYESTUNE_QUIET", "1")
+    env[WATCH_ENV] = str(os.getpid())  # a job stops when this scheduler is killed
     state.mkdir(parents=True, exist_ok=True)
     deps = needs(jobs)
     outcomes: dict[str, Outcome] = {}
-    for job in jobs:
-        if _finished_before(state, job):
+    for job in order(jobs):  # a job is done only if all it needs was done before it
+        if all(d in outcomes for d in deps[job.id]) and _finished_before(state, job):
             outcomes[job.id] = Outcome(job, "skipped")
     running: dict[str, tuple[subprocess.Popen, Outcome]] = {}
     rank = priorities(jobs, deps)
@@ -218,7 +242,8 @@ def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, 
             ok = process.returncode == 0 and all(Path(p).exists() for p in outcome.job.outputs)
             outcome.status = "done" if ok else "failed"
             if ok:
-                _marker(state, outcome.job).write_text(f"{outcome.seconds:.1f}\n")
+                _marker(state, outcome.job).write_text(json.dumps({
+                    "command": command_key(outcome.job), "seconds": round(outcome.seconds, 1)}))
             echo(f"[{sum(o.status != 'running' for o in outcomes.values())}/{len(jobs)}] "
                  f"{outcome.status} {job_id} in {outcome.seconds:.1f} s"
                  + ("" if ok else f" (log: {outcome.job.log})"))

@@ -48,6 +48,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bayestune import files
 from bayestune.errors import ConfigError, DataError, RunFailedError
+from bayestune.guards import describe_changes
 from bayestune.models.base import move_batch, resolve_device
 from bayestune.noise import BlockNoise
 from bayestune.optim import (
@@ -74,8 +75,9 @@ GPU_BLOCK = 1 << 25
 # Entries of lambda the logged quantiles are read from (see Sampler.lambda_summary).
 LOG_QUANTILE_ENTRIES = 1 << 20
 # 4: theta0 by fingerprint, not by value; lambda only once it moved; M2 only with variance;
-# optionally bf16 state
-CHECKPOINT_VERSION = 4
+# optionally bf16 state. 5: what the chain was made from (the prepared data's fingerprint, the
+# batch size, ...: Sampler.inputs) and the chain diagnostics so far.
+CHECKPOINT_VERSION = 5
 CHECKPOINT_PRECISIONS = ("fp32", "bf16")
 # Fields that do not change the samples: a checkpoint may be resumed with other values.
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "checkpoint_precision")
@@ -354,9 +356,14 @@ class ScaleResult:
 
 def write_scale_file(path: str | Path, result: ScaleResult, config: SamplerConfig, *,
                      seed: int, model_id: str, provenance: dict | None = None,
+                     accepted_problems: Sequence[str] = (),
                      extra: Mapping[str, Any] | None = None) -> None:
-    """The scale file; ``extra`` adds what else identifies the model (its architecture)."""
+    """``accepted_problems``: what the scale checks found and the user accepted
+    (--allow-degenerate-scales); readers of the file accept those, and refuse any other.
+    ``extra`` adds what else identifies the model (its architecture)."""
     meta = {**result.metadata(config, seed=seed, model_id=model_id), **(extra or {})}
+    if accepted_problems:
+        meta["accepted_problems"] = list(accepted_problems)
     files.save_scales(path, result.mean, meta, provenance)
 
 
@@ -373,11 +380,18 @@ class ChainMonitor(Protocol):
 
     def after_step(self, sampler: Sampler) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any] | None, *, resumed_at: int) -> None: ...
+
 
 class Sampler:
     """The whole state of one stage-1 run; :meth:`advance` takes one step of the schedule.
 
-    ``steps_per_epoch`` sets the length of the jiant schedule (needed with it). ``noise_fn``
+    ``steps_per_epoch`` sets the length of the jiant schedule (needed with it). ``inputs``
+    names what the chain is made from besides its config and seed (e.g. the prepared data's
+    fingerprint and the batch size); a checkpoint records them and resumes only with the same
+    values. ``noise_fn``
     replaces the per-tensor step's noise source: ``noise_fn(kind, index, like)`` returns
     standard normal draws shaped like ``like`` for ``kind`` "theta" or "lambda" of parameter
     number ``index`` (the fused step ignores it).
@@ -386,7 +400,8 @@ class Sampler:
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor],
                  config: SamplerConfig, seed: int, device: torch.device, *,
                  scratch_dir: Path | None = None, steps_per_epoch: int | None = None,
-                 noise_fn: NoiseFn | None = None) -> None:
+                 noise_fn: NoiseFn | None = None,
+                 inputs: Mapping[str, Any] | None = None) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to sample")
@@ -403,6 +418,9 @@ class Sampler:
                                      "(steps_per_epoch) to set its length")
         self.model, self.loss_fn, self.config, self.device = model, loss_fn, config, device
         self.steps_per_epoch = steps_per_epoch
+        # What shapes the chain besides the config, seed and theta0 (the data, the batch
+        # size): a checkpoint resumes only with the same values.
+        self.inputs = dict(inputs or {})
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [p.shape for p in self.params]
@@ -787,7 +805,8 @@ class Sampler:
             "opt_lam": [_optimiser_state(opt, bf16) for opt in self.opt_lams],
             "schedule": self.schedule.state_dict() if self.schedule else None,
             "length_rule": self.length_rule.state_dict() if self.length_rule else None,
-            "stopped": self.stopped,
+            "stopped": self.stopped, "inputs": self.inputs,
+            "monitor": self.chain_monitor.state_dict() if self.chain_monitor else None,
             "count": self.count, "stats": list(self.stats.regions) if self.stats else [],
             "noise_rng": self.noise.get_state(),
             "cpu_rng": torch.get_rng_state(),
@@ -837,6 +856,8 @@ class Sampler:
         self.stopped = state["stopped"]
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.noise.set_state(state["noise_rng"])
+        if self.chain_monitor is not None:
+            self.chain_monitor.load_state_dict(state["monitor"], resumed_at=self.step)
         self.close()
         self.stats = None
         if state["count"] > 0:
@@ -907,10 +928,17 @@ def _check_resumable(state: dict[str, Any], sampler: Sampler, seed: int, path: P
     if isinstance(version, int) and version < CHECKPOINT_VERSION:
         raise files.FileFormatError(f"{path}: a sampler checkpoint of version {version}, written "
                                     "by an older bayestune; this one reads version "
-                                    f"{CHECKPOINT_VERSION} (smaller checkpoints): delete it to "
-                                    "start over")
+                                    f"{CHECKPOINT_VERSION} (it records the data and batch size "
+                                    "it was made from): delete it to start over")
     if version != CHECKPOINT_VERSION:
         raise files.FileFormatError(f"{path}: not a sampler checkpoint of this version; {fix}")
+    changed = describe_changes(state["inputs"], sampler.inputs)
+    if changed:
+        raise SamplerConfigError(f"{path} was made from other inputs than this run's "
+                                 f"({'; '.join(changed)}): resuming would go on with a chain of "
+                                 "other data; delete it to start over with these inputs, or "
+                                 "resume with the prepared data, batch size and task that "
+                                 "wrote it")
     if state["seed"] != seed:
         raise SamplerConfigError(f"{path} was written with seed {state['seed']}, not {seed}; "
                                  f"{fix}")
@@ -971,6 +999,7 @@ def sample_scales(
     validate: Callable[[nn.Module], float] | None = None,
     log_every: int = 0,
     chain_monitor: ChainMonitor | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> ScaleResult:
     """Run stage 1 and return the posterior mean (and variance) of the scales lambda.
 
@@ -984,7 +1013,8 @@ def sample_scales(
     moved to ``device`` and left there, holding the last sample of theta. ``log_every`` > 0
     logs a line every this many steps, after each validation and at the end (see
     :func:`_log_line`). ``chain_monitor`` watches every step
-    (bayestune.diagnostics); it does not change the samples.
+    (bayestune.diagnostics); it does not change the samples, and a checkpoint carries what it
+    saw so far. ``inputs``: see :class:`Sampler`.
     """
     config.validate()
     if config.patience > 0 and validate is None:
@@ -995,7 +1025,7 @@ def sample_scales(
     model.to(dev).train()
     scratch = Path(checkpoint_path).parent if checkpoint_path is not None else None
     sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch,
-                      steps_per_epoch=steps_per_epoch)
+                      steps_per_epoch=steps_per_epoch, inputs=inputs)
     if chain_monitor is not None:
         chain_monitor.attach(sampler)
         sampler.chain_monitor = chain_monitor

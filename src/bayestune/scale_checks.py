@@ -67,3 +67,20 @@ def scale_problems(scales: Mapping[str, torch.Tensor], *, floor: float, largest_
                 "in the model: lambda never moved apart; check lr_lambda and that the "
                 "sampling phase (steps after burnin_steps) was reached"]
     return []
+
+
+def check_scale_file(scales: Mapping[str, torch.Tensor], meta: Mapping[str, object],
+                     path: object, largest_weight: float) -> list[str]:
+    """The checks of :func:`scale_problems` on a scale file being read (by `mask`): a file that
+    fails them and does not record them as accepted (``sample --allow-degenerate-scales``) is
+    refused, since its ranking would be noise or position. Returns the accepted problems."""
+    floor = meta.get("lambda_floor")
+    rate = meta.get("lr_lambda")
+    problems = scale_problems(scales, floor=float(floor) if floor is not None else 0.0,
+                              largest_weight=largest_weight,
+                              lr_lambda=float(rate) if rate is not None else float("nan"))
+    if problems and not meta.get("accepted_problems"):
+        raise DegenerateScalesError(
+            f"{path}: this scale file cannot rank scalars: {'; '.join(problems)}. Rerun stage 1 "
+            "for it (or, to use it anyway, write it with `sample --allow-degenerate-scales`)")
+    return problems

@@ -180,14 +180,10 @@ if DATA_DIR and DATA_DIR != "hub":
 
 
 def data_source(task):
-    """The task's raw files by content (a vtab-<name> task lives in folder <name>; a declared
-    task in the folder its declaration names)."""
-    if task in CUSTOM_TASKS:
-        folder = Path(CUSTOM_TASKS[task].data).expanduser()
-        return folder_fingerprint(folder) if folder.is_dir() else "hub"
-    if not DATA_DIR or DATA_DIR == "hub":
-        return "hub"
-    return folder_fingerprint(os.path.join(DATA_DIR, task.removeprefix("vtab-")))
+    """The task's raw files by content; DVC's stage `sources` records the same fingerprints."""
+    from bayestune.data_source import task_source  # one definition for Snakemake and DVC
+
+    return task_source(task, DATA_DIR, CUSTOM_TASKS)
 
 
 def _find_task_file():
@@ -223,7 +219,10 @@ def task_declaration(task):
 def _shell_prefix():
     exports = {"BAYESTUNE_QUIET": "0" if config["progress"] else "1",
                "BAYESTUNE_LOG_EVERY": str(config["log_every"]),
-               "BAYESTUNE_JOBS_PER_GPU": str(config["jobs_per_gpu"])}
+               "BAYESTUNE_JOBS_PER_GPU": str(config["jobs_per_gpu"]),
+               # The job's shell runs under Snakemake: the job stops when that process is gone
+               # (bayestune.liveness), so a killed Snakemake leaves no orphan writing files.
+               "BAYESTUNE_WATCH_PID": "$PPID"}
     if DATA_DIR:
         exports[_DATA_ENV] = shlex.quote(DATA_DIR)
     if PACKAGE_SRC is not None:
@@ -315,10 +314,11 @@ def mask_inputs(wildcards):
 
 
 def mask_options(wildcards):
-    options = [f"--{kind} {path}" for kind, path in mask_inputs(wildcards).items()
+    options = [f"--{kind} {shlex.quote(path)}" for kind, path in mask_inputs(wildcards).items()
                if kind != "model"]
     if wildcards.method in STARTED:
-        options.append(f"--start-out {start_file(wildcards.method, wildcards.task, wildcards.seed)}")
+        start = start_file(wildcards.method, wildcards.task, wildcards.seed)
+        options.append(f"--start-out {shlex.quote(start)}")
     return " ".join(options)
 
 
@@ -352,8 +352,8 @@ def finetune_source(wildcards):
     mask = mask_file(wildcards.method, wildcards.task, wildcards.seed, wildcards.label, preset)
     if wildcards.method in STARTED:
         start = start_file(wildcards.method, wildcards.task, wildcards.seed)
-        return f"--mask {mask} --start {start}"
-    return f"--mask {mask}"
+        return f"--mask {shlex.quote(mask)} --start {shlex.quote(start)}"
+    return f"--mask {shlex.quote(mask)}"
 
 
 def finetune_flags(wildcards):

@@ -52,6 +52,6 @@ rule prepare:
         "../envs/bayestune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune prepare --task {wildcards.task}"
-        " --model {params.model:q} --out-dir {output} --max-length {params.max_length}"
+        " --model {params.model:q} --out-dir {output:q} --max-length {params.max_length}"
         " --architecture {params.architecture}"
-        " {params.task_file} > {log} 2>&1"
+        " {params.task_file} > {log:q} 2>&1"

@@ -20,7 +20,8 @@ rule chain_figures:
     params:
         code=CODE["diagnose"],
         out_dir=lambda wildcards, output: os.path.dirname(output.table),
-        masks=lambda wildcards, input: (" --masks " + " ".join(input.masks)) if input.masks else "",
+        masks=lambda wildcards, input: (
+            " --masks " + " ".join(map(shlex.quote, input.masks))) if input.masks else "",
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
@@ -28,5 +29,5 @@ rule chain_figures:
     conda:
         "../envs/bayestune.yaml"
     shell:
-        "python -m bayestune -q diagnose {input.scales}{params.masks}"
-        " --figures-dir {params.out_dir} > {log} 2>&1"
+        "python -m bayestune -q diagnose {input.scales:q}{params.masks}"
+        " --figures-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -30,8 +30,8 @@ rule finetune:
         "../envs/bayestune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune finetune --task {wildcards.task}"
-        " --model {params.model:q} --data {input.data} --seed {wildcards.seed}"
+        " --model {params.model:q} --data {input.data:q} --seed {wildcards.seed}"
         " --architecture {params.architecture}"
-        " --out-dir {params.out_dir} --device {params.device} {params.gpu_slots}"
+        " --out-dir {params.out_dir:q} --device {params.device} {params.gpu_slots}"
         " {params.source} {params.flags} {params.task_file}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"

@@ -36,8 +36,8 @@ rule mask:
         "OMP_NUM_THREADS={threads} python -m bayestune mask --method {wildcards.method}"
         " --task {wildcards.task} --model {params.model:q} --seed {wildcards.seed}"
         " --architecture {params.architecture}"
-        " --budgets {params.budgets} --out-dir {params.out_dir} --device {params.device}"
-        " {params.gpu_slots} {params.inputs} {params.flags} {params.task_file} > {log} 2>&1"
+        " --budgets {params.budgets} --out-dir {params.out_dir:q} --device {params.device}"
+        " {params.gpu_slots} {params.inputs} {params.flags} {params.task_file} > {log:q} 2>&1"
 
 
 # bitfit: one mask from the architecture alone (no scores, no data, no GPU), at main_budget.

@@ -38,8 +38,8 @@ rule report:
         "../envs/bayestune.yaml"
     shell:
         "python -m bayestune report --benchmark {params.benchmark} --model {params.model:q}"
-        " --main-budget {params.main_budget} --out-dir {params.out_dir}"
-        " --metrics {input} > {log} 2>&1"
+        " --main-budget {params.main_budget} --out-dir {params.out_dir:q}"
+        " --metrics {input:q} > {log:q} 2>&1"
 
 
 rule task_figures:
@@ -63,7 +63,7 @@ rule task_figures:
     conda:
         "../envs/bayestune.yaml"
     shell:
-        "python -m bayestune figures {params.inputs} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m bayestune figures {params.inputs} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 use rule task_figures as score_figure with:

@@ -33,8 +33,8 @@ rule sample:
         "../envs/bayestune.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m bayestune sample --task {wildcards.task}"
-        " --model {params.model:q} --data {input.data} --seed {wildcards.seed} --out {output.scales}"
-        " --architecture {params.architecture}"
-        " --checkpoint {params.checkpoint} --device {params.device} {params.gpu_slots}"
+        " --model {params.model:q} --data {input.data:q} --seed {wildcards.seed}"
+        " --out {output.scales:q} --architecture {params.architecture}"
+        " --checkpoint {params.checkpoint:q} --device {params.device} {params.gpu_slots}"
         " {params.flags} {params.task_file}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"

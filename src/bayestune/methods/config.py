@@ -63,14 +63,25 @@ class MethodConfig:
                               "the method's own default)"})
 
     def __post_init__(self) -> None:
-        if self.magnitude_steps < 2 or self.sam_steps < 2:
-            raise ConfigError(f"magnitude_steps {self.magnitude_steps} and sam_steps "
-                              f"{self.sam_steps} count the ranking step too: give at least 2")
-        if self.lt_sft_steps < 1 or self.fisher_examples < 1:
-            raise ConfigError(f"lt_sft_steps {self.lt_sft_steps} and fisher_examples "
-                              f"{self.fisher_examples} must be at least 1")
+        low = [f"{n}={getattr(self, n)}" for n in ("magnitude_steps", "sam_steps")
+               if getattr(self, n) < 2]
+        if low:
+            raise ConfigError(f"{', '.join(low)}: these count the ranking step too; give at "
+                              "least 2")
+        low = [f"{n}={getattr(self, n)}" for n in ("lt_sft_steps", "fisher_examples")
+               if getattr(self, n) < 1]
+        if low:
+            raise ConfigError(f"{', '.join(low)} must be at least 1")
         if self.magnitude_warmup_epochs < 0 or self.grad_clip < 0:
             raise ConfigError("magnitude_warmup_epochs and grad_clip must be >= 0 (0 disables)")
+        # The schema's bounds, for the command line too (a NaN passes the comparisons above).
+        from bayestune.guards import check_nonnegative, check_positive
+
+        problems = [*(check_positive(n, getattr(self, n)) for n in ("magnitude_lr", "lt_sft_lr")),
+                    *(check_nonnegative(n, getattr(self, n))
+                      for n in ("magnitude_warmup_epochs", "grad_clip"))]
+        if any(problems):
+            raise ConfigError("; ".join(p for p in problems if p))
 
 
 RANKING_KEYS = ("per_tensor", "keep_head", "head_counts_toward_budget")

@@ -17,6 +17,7 @@ published LoRA row.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -61,6 +62,13 @@ class LoraSettings:
                               f"{', '.join(LORA_PRESETS)}")
         if self.init is not None and self.init not in LORA_INITS:
             raise MethodError(f"unknown LoRA init {self.init!r}; choose {' or '.join(LORA_INITS)}")
+        # The schema's bounds, for the command line too.
+        if self.rank is not None and self.rank < 1:
+            raise MethodError(f"LoRA rank {self.rank} must be at least 1")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise MethodError(f"LoRA alpha {self.alpha} must be a finite number > 0")
+        if self.dropout is not None and not 0 <= self.dropout <= 1:
+            raise MethodError(f"LoRA dropout {self.dropout} must be in [0, 1]")
 
     def resolved(self) -> dict[str, object]:
         """The preset's values with the explicitly set fields on top."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,10 +140,34 @@ def _label(task: CustomTask, value: Any, where: str) -> int | float:
     except TypeError as err:
         raise TaskError(f"{where}: {err}") from err
     if text not in task.labels:
+        text = _same_number(text, task.labels) or text
+    if text not in task.labels:
         raise TaskError(f"{where}: label {text!r} is not one of the declared labels "
                         f"{list(task.labels)} of task {task.name!r} (labels are compared as "
                         "text); fix the row or add the label")
     return task.labels.index(text)
+
+
+def _same_number(text: str, labels: Sequence[str]) -> str | None:
+    """The declared label that names the same integral number as ``text`` ("1.0" and "1"), as
+    a number read from JSON or Parquet already does (see label_text): a CSV written from a
+    float column holds "1.0" for a label declared "1". Only an integral number matches one."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not number.is_integer():
+        return None
+    matches = [label for label in labels if _integral(label) == number]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _integral(label: str) -> float | None:
+    try:
+        number = float(label)
+    except ValueError:
+        return None
+    return number if number.is_integer() else None
 
 
 def to_example(task: CustomTask, row: dict[str, Any], where: str) -> Example:
