@@ -75,7 +75,7 @@ lint: install
 # workflow copy); TEST_WORKERS=0 runs them all in this process.
 TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 demo: install
 	$(check_glue_source)

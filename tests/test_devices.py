@@ -124,3 +124,12 @@ def test_cli_runs_each_job_on_its_slots_gpu(tmp_path, monkeypatch) -> None:
     assert seen == ["cuda:0", "cuda:1", "cuda:0"]
     assert cli.main([*argv[:-4], "--device", "cpu", *argv[-4:]]) == 0
     assert seen[-1] == "cpu"
+
+
+def test_freed_memory_is_kept_for_reuse_where_glibc_allows():
+    import platform
+
+    from bayestune.devices import keep_freed_memory
+
+    took = keep_freed_memory()
+    assert took == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

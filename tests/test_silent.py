@@ -183,7 +183,8 @@ def test_mask_refuses_an_implausible_scale_file_unless_it_was_accepted(tmp_path,
     name = next(iter(scales))
     scales[name].view(-1)[0] = 8.5e37
     path = tmp_path / "seed0.safetensors"
-    meta = {"model_id": model.model_id, "lambda_floor": 1e-8, "lr_lambda": 1e-2}
+    meta = {"model_id": model.model_id, "architecture": model.architecture,
+            "lambda_floor": 1e-8, "lr_lambda": 1e-2}
     files.save_scales(path, scales, meta)
     command = ["-q", "mask", "--method", "bayestune", "--scores", str(path), "--task", "rte",
                "--model", tiny_model_dir, "--budgets", "0.01", "--out-dir", str(tmp_path / "m")]

@@ -887,6 +887,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     started = time.time()
+    if getattr(args, "device", "cpu") != "cuda":
+        from bayestune.devices import keep_freed_memory
+
+        keep_freed_memory()
     from bayestune.liveness import PARENT_GONE, watch_parent
 
     watched = None

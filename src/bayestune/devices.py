@@ -134,3 +134,32 @@ def assign_device(device: str, slot_folder: str | os.PathLike[str],
     if chosen.type == "cuda" and chosen.index is not None:
         torch.cuda.set_device(chosen)
     return chosen
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them.
+
+    Every step on the CPU allocates and frees temporaries the size of a parameter tensor (the
+    noise, the prior's terms); glibc serves blocks above 128 KB with mmap and returns them on
+    free, so each one costs a page fault per 4 KB when it is touched again. Measured on a 1-layer
+    MiniLM (CoLA, stage 1 `reference`): 0.23 -> 0.19 s a step. No effect on results; a no-op
+    where the C library is not glibc. Returns whether it took effect.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # 32 MB is the largest mmap threshold glibc accepts on 64-bit; the trim threshold keeps
+    # the heap's free top in place so the next step's temporaries need no new pages.
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30))
