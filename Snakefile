@@ -63,7 +63,7 @@ _data_problem = (
     if any(t not in CUSTOM_TASKS for t in TASKS)
     else None
 )
-if _data_problem and workflow.dryrun:
+if _data_problem and (workflow.dryrun or getattr(workflow.output_settings, "dryrun", False)):
     print(f"warning: {_data_problem}", file=sys.stderr)
     _data_problem = None
 try:

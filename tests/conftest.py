@@ -28,3 +28,23 @@ def _one_thread_per_test():
     # Tests run beside other work on two cores; one intra-op thread keeps timings sane.
     torch.set_num_threads(1)
     yield
+
+
+# Jobs that the tests start (Snakemake, DVC, make) find the task data as `make test` gives it
+# to them, also when pytest is run directly.
+os.environ.setdefault("BAYESTUNE_GLUE_DIR", str(glue_data_dir()))
+
+
+# The longest files first, so that two test processes (make test: pytest-xdist, a process per
+# file) are not left with one long file each at the end. test_workflow builds the session's
+# shared finished run; test_reruns reads it, so it comes once that build is under way.
+FIRST = ("test_workflow.py", "test_slurm_cluster.py", "test_jobs.py", "test_custom_workflow.py",
+         "test_cli_errors.py", "test_reruns.py", "test_defects.py", "test_silent.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
