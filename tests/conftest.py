@@ -37,9 +37,9 @@ os.environ.setdefault("BAYESTUNE_GLUE_DIR", str(glue_data_dir()))
 
 # The longest files first, so that two test processes (make test: pytest-xdist, a process per
 # file) are not left with one long file each at the end. test_workflow builds the session's
-# shared finished run; test_reruns reads it, so it comes once that build is under way.
-FIRST = ("test_workflow.py", "test_slurm_cluster.py", "test_jobs.py", "test_custom_workflow.py",
-         "test_cli_errors.py", "test_reruns.py", "test_defects.py", "test_silent.py")
+# shared finished run first; test_reruns, which reads it, comes in its alphabetical place,
+# long after.
+FIRST = ("test_workflow.py", "test_slurm_cluster.py", "test_jobs.py", "test_custom_workflow.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

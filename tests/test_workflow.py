@@ -289,8 +289,8 @@ def test_slurm_profile_submits_gpu_jobs_with_a_gpu(tmp_path, workdir):
         time.sleep(0.5)
     if proc.poll() is None:  # the fake jobs never finish: stop Snakemake once all are submitted
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Snakemake cancels its jobs and exits
-    try:
-        output = proc.communicate(timeout=30)[0]
+    try:  # it waits on the stubs' jobs, which never end: a few seconds, then it is killed
+        output = proc.communicate(timeout=5)[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output = proc.communicate()[0]
@@ -414,3 +414,23 @@ def test_killed_sampler_resumes_from_its_checkpoint(tmp_path, tmp_path_factory, 
         log[-2000:]
     assert (run / target).exists() and not checkpoint.exists()
     assert job_counts(second.stdout + second.stderr) == {"sample": 1, "total": 1}  # not prepare
+
+
+def test_stage_two_seeds_share_the_chains_of_sampler_seeds(tmp_path, workdir):
+    config = write_config(tmp_path / "seeds.yaml", workdir / "tests/config/tiny.yaml",
+                          tasks=["cb"], seeds=[0, 1, 2], sampler_seeds=[0, 1])
+    result = snakemake(workdir, "-n", "-p", "--cores", "1", "--configfile", str(config))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts["sample"] == 2 and counts["mask_bayestune"] == 3
+    masks = bayestune_commands(result.stdout)["mask"]
+    scores = {a[a.index("--seed") + 1]: a[a.index("--scores") + 1] for a in masks
+              if "bayestune" in a}
+    assert scores == {"0": "results/tiny/scales/exact/cb/seed0.safetensors",
+                      "1": "results/tiny/scales/exact/cb/seed1.safetensors",
+                      "2": "results/tiny/scales/exact/cb/seed0.safetensors"}
+    bad = write_config(tmp_path / "bad.yaml", workdir / "tests/config/tiny.yaml",
+                       seeds=[0, 1], sampler_seeds=[3])
+    refused = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(bad))
+    assert refused.returncode != 0
+    assert "sampler_seeds [3] must be among seeds [0, 1]" in refused.stdout + refused.stderr

@@ -43,6 +43,20 @@ PREP = config["prepared_dir"].rstrip("/")
 BENCH = config["benchmark"]
 TASKS = list(config["tasks"])
 SEEDS = list(config["seeds"])
+# The seeds with a stage-1 chain (config key sampler_seeds): stage 2's i-th seed ranks its
+# bayestune mask with the chain of CHAIN_SEEDS[i mod n].
+CHAIN_SEEDS = list(config.get("sampler_seeds") or SEEDS)
+
+
+if not set(CHAIN_SEEDS) <= set(SEEDS):
+    raise WorkflowError(f"sampler_seeds {CHAIN_SEEDS} must be among seeds {SEEDS}: a stage-1 "
+                        "chain's seed is also the seed of a stage-2 run")
+
+
+def chain_seed(seed):
+    return CHAIN_SEEDS[SEEDS.index(int(seed)) % len(CHAIN_SEEDS)]
+
+
 BUDGETS = list(config["budgets"])
 MAIN_BUDGET = config["main_budget"]
 METHODS = list(config["methods"])
@@ -307,7 +321,8 @@ def mask_inputs(wildcards):
     if MODEL == CUT_MODEL:  # a method that reads no task data still builds the model
         inputs["model"] = CUT_MODEL
     if wildcards.method == "bayestune":
-        inputs["scores"] = scale_file(wildcards.preset, wildcards.task, wildcards.seed)
+        inputs["scores"] = scale_file(wildcards.preset, wildcards.task,
+                                      chain_seed(wildcards.seed))
     if wildcards.method in GRADIENT:
         inputs["data"] = prepared(wildcards.task)
     return inputs
@@ -394,7 +409,7 @@ def figure_masks(wildcards):
 
 
 def figure_scales(wildcards):
-    return [scale_file(PRESETS[0], wildcards.task, SEEDS[0])] if "bayestune" in METHODS else []
+    return [scale_file(PRESETS[0], wildcards.task, CHAIN_SEEDS[0])] if "bayestune" in METHODS else []
 
 
 def task_figures(task):
@@ -457,15 +472,15 @@ def chain_figure_inputs(wildcards):
     first stage-1 preset, as the other figures)."""
     preset = PRESETS[0]
     return {
-        "scales": [scale_file(preset, wildcards.task, s) for s in SEEDS],
+        "scales": [scale_file(preset, wildcards.task, s) for s in CHAIN_SEEDS],
         "diagnostics": [
             diagnostics_file(preset, wildcards.task, s, kind)
-            for s in SEEDS
+            for s in CHAIN_SEEDS
             for kind in ("diagnostics.json", "traces.safetensors")
         ],
         "masks": [
             mask_file("bayestune", wildcards.task, s, label, preset)
-            for s in SEEDS
+            for s in CHAIN_SEEDS
             for label in labels_of("bayestune")
         ],
     }
