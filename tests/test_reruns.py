@@ -91,7 +91,7 @@ def edited(path: Path) -> Iterator[None]:
 
 def test_editing_the_sampler_reruns_stage_one_and_what_follows_only(finished):
     run, config = finished
-    with edited(run / "src/bayestune/sampler.py"):
+    with edited(run / "src/bayestune/sampler/chain.py"):
         counts = planned(run, config)
     # bayestune's chains, masks and runs; the random masks, the random and full runs and
     # prepare stay.

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from bayestune import files
 from bayestune import running_stats as running_stats_module
-from bayestune import sampler as sampler_module
+from bayestune.sampler import chain as sampler_module
 from bayestune.noise import BlockNoise
 from bayestune.running_stats import RunningStats
 from bayestune.sampler import (

@@ -22,7 +22,7 @@ from test_glue import good, three_splits, write_task
 from test_jobs import python_command, toy
 
 from bayestune import files, guards, jobs, liveness
-from bayestune import sampler as sampler_module
+from bayestune.sampler import run as sampler_module
 from bayestune.cli import main
 from bayestune.run_checks import check_data_dir
 from bayestune.tasks import build_task_model, prepare_task

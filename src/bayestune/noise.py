@@ -3,7 +3,7 @@
 The fused step (``Sampler._posterior_terms``) needs, per block of pieces, a draw for theta's
 noise and then one for lambda's, each one ``normal_`` of the block's size from the sampler's
 one generator. On a CPU the draw is serial and a large part of the step's extra time over
-AdamW, while the block loop runs on one thread (see ``sampler._one_thread_on_cpu``) and leaves
+AdamW, while the block loop runs on one thread (see ``sampler.chain._one_thread_on_cpu``) and leaves
 the other cores idle. With ``ahead``, a worker thread draws block k+1's noise while the loop
 works on block k. One thread makes every draw, in the serial loop's order and at its sizes, so
 the values and the generator's state after the step are the serial loop's, bit for bit: a chain
