@@ -100,7 +100,7 @@ def test_editing_the_sampler_reruns_stage_one_and_what_follows_only(finished):
 
 def test_editing_the_reports_reruns_only_the_report_rules(finished):
     run, config = finished
-    with edited(run / "src/bayestune/reports.py"):
+    with edited(run / "src/bayestune/reports/tables.py"):
         counts = planned(run, config)
     assert counts == REPORTING
 
