@@ -26,7 +26,7 @@ from bayestune.methods import (
     select_masks,
     wrap_lora,
 )
-from bayestune.methods.gradient import single_examples
+from bayestune.methods.fisher import single_examples
 from bayestune.methods.magnitude import magnitude_start
 from bayestune.methods.random_mask import keep_probability
 from bayestune.models.base import TaskModel, TaskOutput, is_head, task_loss

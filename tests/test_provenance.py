@@ -28,7 +28,7 @@ def test_each_subcommand_reaches_its_own_modules():
     sample = short(provenance.command_modules("sample"))
     assert {"sampler", "prior", "running_stats", "files", "provenance", "cli", "bayestune",
             "tasks", "tasks.glue", "optim", "diagnostics",
-            "methods.gradient"} <= sample  # the chain diagnostics rank by Fisher scores too
+            "methods.fisher"} <= sample  # the chain diagnostics rank by Fisher scores too
     assert not sample & {"finetune", "reports", "delta", "bench", "file_origin"}
     finetune = short(provenance.command_modules("finetune"))
     assert {"finetune", "delta", "methods", "masks"} <= finetune  # LoRA comes from methods

@@ -202,7 +202,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def _fisher_at_start(args: argparse.Namespace, model, data) -> dict[str, Tensor] | None:
     """Fisher scores at theta0 for the chain diagnostics (None when turned off)."""
     from bayestune.methods import MethodConfig
-    from bayestune.methods.gradient import fisher_scores
+    from bayestune.methods.fisher import fisher_scores
     from bayestune.models.base import resolve_device, task_loss
 
     if args.diagnostics_fisher_examples == 0:

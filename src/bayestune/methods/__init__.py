@@ -8,7 +8,7 @@ trains before it ranks) with ``batches(epoch)`` yielding training batches
 :func:`bayestune.masks.masks_from_scores`, so every ranked method cuts the same way.
 
 One module per method family: ``random_mask`` (random), ``magnitude`` (MagPruning), ``lt_sft``,
-``gradient`` (fisher, sam), ``fixed`` (full, bitfit), ``scales`` (bayestune), ``lora``. The
+``fisher``, ``sam``, ``fixed`` (full, bitfit), ``scales`` (bayestune), ``lora``. The
 names, kinds and defaults of all of them are in ``registry``.
 """
 
@@ -60,8 +60,8 @@ _MASK_FUNCTIONS = {
     "random": ("random_mask", "random_masks"),
     "magnitude": ("magnitude", "magnitude_masks"),
     "lt-sft": ("lt_sft", "lt_sft_masks"),
-    "fisher": ("gradient", "fisher_masks"),
-    "sam": ("gradient", "sam_masks"),
+    "fisher": ("fisher", "fisher_masks"),
+    "sam": ("sam", "sam_masks"),
     "bayestune": ("scales", "bayestune_masks"),
 }
 # The per-scalar score each ranked method computes (higher = trained first).
@@ -69,8 +69,8 @@ _SCORE_FUNCTIONS = {
     "random": ("random_mask", "random_scores"),
     "magnitude": ("magnitude", "magnitude_scores"),
     "lt-sft": ("lt_sft", "lt_sft_scores"),
-    "fisher": ("gradient", "fisher_scores"),
-    "sam": ("gradient", "sam_scores"),
+    "fisher": ("fisher", "fisher_scores"),
+    "sam": ("sam", "sam_scores"),
 }
 assert set(_MASK_FUNCTIONS) == set(REGISTRY) - {"lora"}, \
     "the registry and the mask functions must name the same methods"

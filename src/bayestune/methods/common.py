@@ -1,5 +1,6 @@
 """What the data-driven methods share: a working copy of the model, seeded randomness, the
-first n training batches, gradients, and the checks on what a method is given.
+first n training batches and the forward-backward passes over them, gradients, the checks on
+what a method is given, and the cut of a method's scores into masks.
 
 No method changes the model it is given: gradients and training happen on a deep copy, because
 stage 2 restarts from exactly these weights (theta0) unless the method hands it a start.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayestune.files import check_matches_model
-from bayestune.methods.config import Batches, LossFn
+from bayestune.masks import masks_from_scores
+from bayestune.methods.config import Batches, LossFn, Masks, MethodConfig, ranking_options
 from bayestune.methods.registry import MethodError
 from bayestune.models.base import move_batch
 
@@ -59,6 +61,22 @@ def take(batches: Batches | None, n: int, desc: str) -> Iterator[dict]:
                               "is empty or the loader drops every batch")
 
 
+def backward_passes(work: nn.Module, batches: Batches | None, loss_fn: LossFn, n: int, desc: str,
+                    *, grad_clip: float = 0.0) -> Iterator[None]:
+    """One forward-backward pass per batch over the first ``n`` training batches, the
+    gradients cleared before each and clipped to global norm ``grad_clip`` after it (0: not
+    clipped); yields after each pass, so that the caller steps its optimiser or adds the
+    gradients up. The caller seeds (:func:`seeded`)."""
+    params = list(work.parameters())
+    device = device_of(work)
+    for batch in take(batches, n, desc):
+        work.zero_grad(set_to_none=True)
+        loss_fn(work, move_batch(batch, device)).backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        yield
+
+
 def steps_per_epoch(batches: Batches) -> int:
     epoch = batches(0)
     return len(epoch) if hasattr(epoch, "__len__") else sum(1 for _ in epoch)
@@ -94,3 +112,18 @@ def check_no_scores(name: str, scores: Mapping[str, Tensor] | None) -> None:
     if scores is not None:
         raise MethodError(f"method {name!r} computes its own ranking and takes no scores; drop "
                           "--scores (only bayestune reads a scale file)")
+
+
+Scorer = Callable[[nn.Module, Batches | None, LossFn, int, MethodConfig], dict[str, Tensor]]
+
+
+def ranked_masks(name: str, scorer: Scorer, model: nn.Module, batches: Batches | None,
+                 loss_fn: LossFn, budgets: Sequence[float], seed: int, config: MethodConfig,
+                 scores: Mapping[str, Tensor] | None) -> Masks:
+    """The masks of a method that ranks a score it computes: its scores (or precomputed ones,
+    a saved score file, which replace computing them again), checked against the model and
+    cut at every budget with the method's ranking options."""
+    if scores is None:
+        scores = scorer(model, batches, loss_fn, seed, config)
+    check_scores_fit(name, model, scores)
+    return Masks(masks_from_scores(scores, budgets, **ranking_options(name, config)))

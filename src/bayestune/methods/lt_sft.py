@@ -16,17 +16,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from bayestune.masks import masks_from_scores
 from bayestune.methods.common import (
-    check_scores_fit,
+    backward_passes,
     device_of,
     named,
+    ranked_masks,
     seeded,
-    take,
     working_copy,
 )
-from bayestune.methods.config import Batches, LossFn, Masks, MethodConfig, ranking_options
-from bayestune.models.base import move_batch
+from bayestune.methods.config import Batches, LossFn, Masks, MethodConfig
 
 
 def lt_sft_scores(model: nn.Module, batches: Batches | None, loss_fn: LossFn, seed: int,
@@ -35,11 +33,9 @@ def lt_sft_scores(model: nn.Module, batches: Batches | None, loss_fn: LossFn, se
     work = working_copy(model)
     theta0 = [p.detach().clone() for p in work.parameters()]
     optimizer = torch.optim.AdamW(work.parameters(), lr=config.lt_sft_lr, weight_decay=0.0)
-    device = device_of(work)
-    with seeded(seed, device):
-        for batch in take(batches, config.lt_sft_steps, "lt-sft: full fine-tuning"):
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(work, move_batch(batch, device)).backward()
+    with seeded(seed, device_of(work)):
+        for _ in backward_passes(work, batches, loss_fn, config.lt_sft_steps,
+                                 "lt-sft: full fine-tuning"):
             optimizer.step()
     moved = [(p.detach() - p0).abs() for p, p0 in zip(work.parameters(), theta0, strict=True)]
     return named(work, moved)
@@ -48,8 +44,5 @@ def lt_sft_scores(model: nn.Module, batches: Batches | None, loss_fn: LossFn, se
 def lt_sft_masks(model: nn.Module, batches: Batches | None, loss_fn: LossFn,
                  budgets: Sequence[float], seed: int, config: MethodConfig, *,
                  scores: Mapping[str, Tensor] | None = None) -> Masks:
-    # Precomputed scores (a saved score file) replace the full phase.
-    if scores is None:
-        scores = lt_sft_scores(model, batches, loss_fn, seed, config)
-    check_scores_fit("lt-sft", model, scores)
-    return Masks(masks_from_scores(scores, budgets, **ranking_options("lt-sft", config)))
+    return ranked_masks("lt-sft", lt_sft_scores, model, batches, loss_fn, budgets, seed, config,
+                        scores)

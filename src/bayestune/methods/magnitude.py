@@ -21,10 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from bayestune.masks import masks_from_scores
-from bayestune.methods.common import device_of, seeded, steps_per_epoch, take, working_copy
+from bayestune.methods.common import (
+    backward_passes,
+    device_of,
+    seeded,
+    steps_per_epoch,
+    working_copy,
+)
 from bayestune.methods.config import Batches, LossFn, Masks, MethodConfig, ranking_options
 from bayestune.methods.registry import MethodError
-from bayestune.models.base import move_batch
 from bayestune.optim import linear_schedule_with_warmup
 
 # jiant's optimiser groups (SAM repo, model_setup.create_optimizer): no decay where the name
@@ -51,13 +56,9 @@ def magnitude_start(model: nn.Module, batches: Batches | None, loss_fn: LossFn, 
         warmup = max(round(config.magnitude_warmup_epochs * steps_per_epoch(batches)), 1)
     # jiant steps the schedule after each update, from 0: the first update has rate 0.
     schedule = linear_schedule_with_warmup(optimizer, warmup, 10 * warmup) if warmup else None
-    device = device_of(work)
-    with seeded(seed, device):
-        for batch in take(batches, config.magnitude_steps - 1, "magnitude: full fine-tuning"):
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(work, move_batch(batch, device)).backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(work.parameters(), config.grad_clip)
+    with seeded(seed, device_of(work)):
+        for _ in backward_passes(work, batches, loss_fn, config.magnitude_steps - 1,
+                                 "magnitude: full fine-tuning", grad_clip=config.grad_clip):
             optimizer.step()
             if schedule is not None:
                 schedule.step()
