@@ -4,31 +4,34 @@ Each benchmark module (``glue``, ``vtab``) exposes the same four names: ``TASKS`
 TaskSpec), ``prepare``, ``load_data`` and ``build_model``. The text models' ``architecture``
 (``models.base.ARCHITECTURES``) reaches the text tasks only; image models have no such choice.
 Tasks declared in a run config or a task file (:mod:`bayestune.tasks.custom`) are passed in as
-``custom_tasks`` (name -> CustomTask); this module only dispatches.
+``custom_tasks`` (name -> CustomTask), and served by the module of their kind
+(:data:`CUSTOM_KINDS`), loaded when a task of that kind is used: a job of a GLUE task runs none
+of it, and the workflow's code hash of a job covers the module of its task's kind only. This
+module only dispatches.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 
 from bayestune.models.base import DEFAULT_ARCHITECTURE, TaskModel
-from bayestune.tasks import custom
 from bayestune.tasks.base import TaskData, TaskError, TaskSpec
+from bayestune.tasks.builtin import benchmarks, builtin_tasks
 from bayestune.tasks.custom import CustomTask
 
 CustomTasks = Mapping[str, CustomTask]
+# The module that serves each kind of declared task (bayestune.provenance reads this table).
+CUSTOM_KINDS = {"text": "custom_text", "image": "custom_images"}
+
+__all__ = ["CUSTOM_KINDS", "CustomTasks", "build_task_model", "builtin_tasks",
+           "check_task_names", "get_task", "load_task_data", "prepare_task", "used_token_ids"]
 
 
-def _benchmarks() -> list[ModuleType]:
-    from bayestune.tasks import glue, vtab
-
-    return [glue, vtab]
-
-
-def builtin_tasks() -> list[str]:
-    return [name for module in _benchmarks() for name in module.TASKS]
+def _kind_module(task: CustomTask) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{CUSTOM_KINDS[task.kind]}")
 
 
 def _unknown(names: list[str], custom_tasks: CustomTasks | None) -> TaskError:
@@ -51,7 +54,7 @@ def check_task_names(tasks: Iterable[str], custom_tasks: CustomTasks | None = No
 def _resolve(task: str, custom_tasks: CustomTasks | None) -> ModuleType | CustomTask:
     if custom_tasks and task in custom_tasks:
         return custom_tasks[task]
-    for module in _benchmarks():
+    for module in benchmarks():
         if task in module.TASKS:
             return module
     raise _unknown([task], custom_tasks)
@@ -81,7 +84,7 @@ def prepare_task(task: str, model_name: str, out_dir: Path, data_dir: Path | Non
         if data_dir is not None:
             raise TaskError(f"task {task!r} is declared with its own data ({found.data}); "
                             "drop --data-dir")
-        return custom.prepare(found, model_name, Path(out_dir), max_length)
+        return _kind_module(found).prepare(found, model_name, Path(out_dir), max_length)
     return found.prepare(task, model_name, Path(out_dir), data_dir, max_length,
                          **_architecture(found, architecture))
 
@@ -93,7 +96,8 @@ def load_task_data(task: str, prepared_dir: Path, batch_size: int, seed: int,
     refused where the tokens differ (GLUE's COPA and WSC)."""
     found = _resolve(task, custom_tasks)
     if isinstance(found, CustomTask):
-        return custom.load_data(found, Path(prepared_dir), batch_size, seed, eval_batch_size)
+        return _kind_module(found).load_data(found, Path(prepared_dir), batch_size, seed,
+                                             eval_batch_size)
     return found.load_data(task, Path(prepared_dir), batch_size, seed, eval_batch_size,
                            **_architecture(found, architecture))
 
@@ -105,9 +109,8 @@ def build_task_model(task: str, model_name: str, seed: int,
     a text model of architecture ``jiant`` whose checkpoint has none, the same pooler)."""
     found = _resolve(task, custom_tasks)
     if isinstance(found, CustomTask):
-        return custom.build_model(found, model_name, seed, architecture)
+        return _kind_module(found).build_model(found, model_name, seed, architecture)
     return found.build_model(task, model_name, seed, **_architecture(found, architecture))
-
 
 
 def used_token_ids(tasks: Iterable[str], model_name: str, data_dir: Path | None = None,

@@ -26,6 +26,10 @@ matches ``labels: ["0", "1"]``.
 Relative ``data`` paths are read from the working directory, like every path of a run config.
 The schema (``workflow/schemas/config.schema.yaml``) checks the same rules when the workflow
 starts; :func:`parse_custom_tasks` checks them again for the command line, which has no schema.
+
+This module only reads declarations. What a task of each kind does (prepare, load, build) is
+in :mod:`bayestune.tasks.custom_text` and :mod:`bayestune.tasks.custom_images`, which the
+dispatcher (:mod:`bayestune.tasks`) loads by the declared kind.
 """
 
 from __future__ import annotations
@@ -42,8 +46,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bayestune.models.base import DEFAULT_ARCHITECTURE, TaskModel
-from bayestune.tasks.base import SPLITS, TaskData, TaskError, TaskSpec
+from bayestune.tasks.base import SPLITS, TaskError, TaskSpec
 from bayestune.tasks.metrics import METRICS, REGRESSION_METRICS, TWO_CLASS_METRICS
 
 SECTION = "custom_tasks"
@@ -273,7 +276,7 @@ def parse_custom_tasks(section: Any, where: str = SECTION) -> dict[str, CustomTa
     if not isinstance(section, Mapping):
         raise TaskError(f"{where}: custom_tasks must map task names to declarations, got "
                         f"{type(section).__name__}")
-    from bayestune.tasks import builtin_tasks  # the package imports this module
+    from bayestune.tasks.builtin import builtin_tasks  # loads the benchmarks' modules
 
     reserved = frozenset(builtin_tasks())
     return {name: parse_declaration(name, raw, reserved) for name, raw in section.items()}
@@ -294,38 +297,3 @@ def read_task_file(path: str | os.PathLike[str]) -> dict[str, CustomTask]:
         raise TaskError(f"{path}: no top-level custom_tasks: mapping; a task file declares "
                         f"tasks under it ({DECLARATION_HELP})")
     return parse_custom_tasks(content[SECTION], where=str(path))
-
-
-# --- the four operations every task offers ----------------------------------------------------
-def prepare(task: CustomTask, model_name: str, out_dir: Path, max_length: int) -> Path:
-    if task.kind == "image":
-        from bayestune.tasks import custom_images
-
-        return custom_images.prepare(task, model_name, out_dir)
-    from bayestune.tasks import custom_text
-
-    return custom_text.prepare(task, model_name, out_dir, max_length)
-
-
-def load_data(task: CustomTask, prepared_dir: Path, batch_size: int, seed: int,
-              eval_batch_size: int = 64) -> TaskData:
-    if task.kind == "image":
-        from bayestune.tasks import custom_images
-
-        return custom_images.load_data(task, prepared_dir, batch_size, seed, eval_batch_size)
-    from bayestune.tasks import custom_text
-
-    return custom_text.load_data(task, prepared_dir, batch_size, seed, eval_batch_size)
-
-
-def build_model(task: CustomTask, model_name: str, seed: int,
-                architecture: str = DEFAULT_ARCHITECTURE) -> TaskModel:
-    """The task's model; ``architecture`` is a text model's (an image model has no choice)."""
-    if task.kind == "image":
-        from bayestune.tasks import custom_images
-
-        return custom_images.build_model(task, model_name, seed)
-    from bayestune.models.text import build_text_model
-
-    head = "regression" if task.regression else "classification"
-    return build_text_model(model_name, head, task.num_labels, seed, architecture)

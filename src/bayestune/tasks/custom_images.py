@@ -94,8 +94,10 @@ def _split_items(task: CustomTask, folder: Path, kind: str, split: str,
     return items
 
 
-def prepare(task: CustomTask, model_name: str, out_dir: str | os.PathLike[str]) -> Path:
-    """Check every split and write ``out_dir/manifest.json``; return ``out_dir``."""
+def prepare(task: CustomTask, model_name: str, out_dir: str | os.PathLike[str],
+            max_length: int = 128) -> Path:
+    """Check every split and write ``out_dir/manifest.json``; return ``out_dir``
+    (``max_length`` is a text task's: images have none)."""
     folder = _folder(task)
     kind = layout(task, folder)
     classes = class_names(task, folder)
@@ -125,6 +127,8 @@ def load_data(task: CustomTask, prepared_dir: str | os.PathLike[str], batch_size
                               eval_batch_size)
 
 
-def build_model(task: CustomTask, model_name: str, seed: int) -> TaskModel:
-    """The timm encoder ``model_name`` with a fresh head over the task's classes."""
+def build_model(task: CustomTask, model_name: str, seed: int,
+                architecture: str | None = None) -> TaskModel:
+    """The timm encoder ``model_name`` with a fresh head over the task's classes
+    (``architecture`` is a text model's: an image model has no choice)."""
     return build_vision_model(model_name, len(class_names(task)), seed)

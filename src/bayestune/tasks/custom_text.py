@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bayestune.models.base import DEFAULT_ARCHITECTURE, TaskModel
+from bayestune.models.text import build_text_model
 from bayestune.tasks import tables, tokens
 from bayestune.tasks.base import SPLITS, TaskData, TaskError, hash_files, split_train_val
 from bayestune.tasks.custom import CustomTask, label_text
@@ -242,3 +244,11 @@ def load_data(task: CustomTask, prepared_dir: str | os.PathLike[str], batch_size
                         f"{task.name!r} ({meta.get('declaration')}); run `bayestune prepare` "
                         "again with the current one")
     return tokens.text_loaders(splits, batch_size, seed, eval_batch_size)
+
+
+def build_model(task: CustomTask, model_name: str, seed: int,
+                architecture: str = DEFAULT_ARCHITECTURE) -> TaskModel:
+    """The text encoder ``model_name`` with a fresh head: a regression head, or one over the
+    declared labels."""
+    head = "regression" if task.regression else "classification"
+    return build_text_model(model_name, head, task.num_labels, seed, architecture)
