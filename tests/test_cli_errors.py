@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from test_defects import FINETUNE_FLAGS, prepared, tiny_model_dir  # noqa: F401 (fixtures)
 from test_glue import good, three_splits, write_task
 
-from bayestune import cli, errors, files
+from bayestune import errors, files
 from bayestune.cli import main
+from bayestune.commands import prepare as prepare_command
 from bayestune.errors import BayesTuneError
 from bayestune.finetune import FinetuneConfig
 from bayestune.methods import LoraSettings
@@ -162,7 +163,7 @@ def test_unexpected_errors_keep_their_traceback(unexpected, monkeypatch, tmp_pat
     def fails(args):
         raise unexpected
 
-    monkeypatch.setattr(cli, "cmd_prepare", fails)
+    monkeypatch.setattr(prepare_command, "run", fails)
     with pytest.raises(type(unexpected)) as raised:
         main(["prepare", "--task", "rte", "--model", "minilm", "--out-dir", str(tmp_path)])
     assert raised.value is unexpected
@@ -172,7 +173,7 @@ def test_project_errors_become_one_line(monkeypatch, tmp_path, capsys):
     def fails(args):
         raise errors.DataError("data/x.jsonl:3: something to fix")
 
-    monkeypatch.setattr(cli, "cmd_prepare", fails)
+    monkeypatch.setattr(prepare_command, "run", fails)
     assert main(["prepare", "--task", "rte", "--model", "minilm", "--out-dir", str(tmp_path)]) == 2
     assert error_line(capsys) == "bayestune prepare: error: data/x.jsonl:3: something to fix"
 

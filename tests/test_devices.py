@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bayestune import cli, devices
+from bayestune.commands import finetune as finetune_command
 from bayestune.devices import NoFreeGpuSlot, choose_device, slot_order, take_slot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def test_device_follows_the_visible_gpus(tmp_path) -> None:
 
 def test_cli_runs_each_job_on_its_slots_gpu(tmp_path, monkeypatch) -> None:
     seen = []
-    monkeypatch.setattr(cli, "cmd_finetune", lambda args: seen.append(args.device))
+    monkeypatch.setattr(finetune_command, "run", lambda args: seen.append(args.device))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     argv = ["finetune", "--task", "cb", "--model", "minilm", "--out-dir", str(tmp_path / "run"),

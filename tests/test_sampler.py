@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 
 from bayestune import files
 from bayestune import running_stats as running_stats_module
-from bayestune.sampler import chain as sampler_module
 from bayestune.noise import BlockNoise
 from bayestune.running_stats import RunningStats
 from bayestune.sampler import (
@@ -28,6 +27,7 @@ from bayestune.sampler import (
     sampler_config,
     write_scale_file,
 )
+from bayestune.sampler import chain as sampler_module
 from bayestune.tasks.base import TaskData
 
 

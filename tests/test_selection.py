@@ -9,8 +9,9 @@ import math
 import pytest
 from test_defects import FINETUNE_FLAGS, prepared, tiny_model_dir  # noqa: F401 (fixtures)
 
-from bayestune import cli, files
+from bayestune import files
 from bayestune.cli import main
+from bayestune.commands import common
 from bayestune.errors import ConfigError
 from bayestune.selection import (
     candidate_presets,
@@ -65,7 +66,7 @@ class CountingLoader:
 def test_finetune_keeps_the_best_validation_candidate_and_tests_only_it(
         tmp_path, tiny_model_dir, prepared, monkeypatch):  # noqa: F811
     splits = []
-    load = cli._model_and_data
+    load = common.model_and_data
 
     def counted(args):
         spec, model, data = load(args)
@@ -73,7 +74,7 @@ def test_finetune_keeps_the_best_validation_candidate_and_tests_only_it(
         splits.append(data.test)
         return spec, model, data
 
-    monkeypatch.setattr(cli, "_model_and_data", counted)
+    monkeypatch.setattr(common, "model_and_data", counted)
     flags = ["-q", "finetune", "--task", "rte", "--model", tiny_model_dir, "--data",
              str(prepared["rte"]), *FINETUNE_FLAGS, "--max-steps", "4"]
     # a rate too small to move anything, one that learns, one that overshoots

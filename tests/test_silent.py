@@ -22,9 +22,9 @@ from test_glue import good, three_splits, write_task
 from test_jobs import python_command, toy
 
 from bayestune import files, guards, jobs, liveness
-from bayestune.sampler import run as sampler_module
 from bayestune.cli import main
 from bayestune.run_checks import check_data_dir
+from bayestune.sampler import run as sampler_module
 from bayestune.tasks import build_task_model, prepare_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,21 +296,21 @@ def test_a_job_stops_when_the_process_that_started_it_is_gone():
 
 
 def test_the_command_line_says_why_a_watched_job_stopped(monkeypatch, capsys):
-    from bayestune import cli
+    from bayestune.commands import diagnose
 
     def interrupted(args):
         liveness.PARENT_GONE.set()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(liveness, "watch_parent", lambda: 4242)
-    monkeypatch.setattr(cli, "cmd_diagnose", interrupted)
+    monkeypatch.setattr(diagnose, "run", interrupted)
     try:
         assert main(["diagnose", "x"]) == 130
     finally:
         liveness.PARENT_GONE.clear()
     err = capsys.readouterr().err
     assert "bayestune diagnose: stopped: the process that started it (pid 4242" in err
-    monkeypatch.setattr(cli, "cmd_diagnose", lambda args: (_ for _ in ()).throw(
+    monkeypatch.setattr(diagnose, "run", lambda args: (_ for _ in ()).throw(
         KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # a Ctrl-C of its own stays one
         main(["diagnose", "x"])

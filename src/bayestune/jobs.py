@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bayestune import files
-from bayestune.errors import ConfigError, RunFailedError
+from bayestune.errors import BayesTuneError, ConfigError, RunFailedError
 from bayestune.liveness import WATCH_ENV
 
 JOB_LIST_VERSION = 1
@@ -151,12 +151,14 @@ def priorities(jobs: Sequence[Job], deps: Mapping[str, set[str]] | None = None,
 
 def _steps(parser, job: Job) -> int:
     """The optimiser steps of a job's command (0 for what is not a bayestune command, as the
-    toy lists of the tests)."""
+    toy lists of the tests, or a command whose settings do not resolve: it fails when it
+    runs, with its own message)."""
+    from bayestune.cli import parse_command
     from bayestune.plan import job_steps
 
     try:
-        return sum(n for _, n in job_steps(parser.parse_args(job.argv)))
-    except SystemExit:
+        return sum(n for _, n in job_steps(*parse_command(job.argv, parser)))
+    except (SystemExit, BayesTuneError):
         return 0
 
 

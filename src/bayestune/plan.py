@@ -3,7 +3,8 @@
 The jobs come from Snakemake itself: a dry run of the workflow with the config (``snakemake -n
 -p --forceall``, from the repository root) lists every job with its outputs and the exact
 ``bayestune`` command it would run, so the plan follows the rules as they are. Each command is
-parsed with the real command line; its steps (sampler steps, fine-tuning ``max_steps``, the
+parsed into the settings it would run with by the real command line
+(:func:`bayestune.cli.parse_command`); its steps (sampler steps, fine-tuning ``max_steps``, the
 baselines' scoring steps) times the measured seconds per step (``config/costs.yaml``) give
 device-hours, and the file formats with the model's shapes give the disk of every output.
 ``dvc.yaml`` says which outputs DVC also copies into its cache.
@@ -16,10 +17,10 @@ import re
 import shlex
 import subprocess
 import sys
-from argparse import Namespace
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -210,26 +211,22 @@ def step_costs(costs: dict, model: str, device: str, n_scalars: int) -> StepCost
                     f"with bayestune bench --device {device} and add it")
 
 
-def job_steps(args: Namespace) -> list[tuple[str, int]]:
-    """(kind of step, steps) that one bayestune command runs."""
-    if args.command == "sample":
-        from bayestune.cli import sampler_config_from_args
-
-        config = sampler_config_from_args(args)  # the preset with the flags on top
+def job_steps(command: str, settings: Any) -> list[tuple[str, int]]:
+    """(kind of step, steps) that one bayestune command runs, from its settings."""
+    if command == "sample":
+        config = settings.sampler  # the preset with the flags on top
         return [("stage1", config.steps if config.patience == 0 else config.shortest_run)]
-    if args.command == "finetune":
-        from bayestune.selection import parse_candidates
-
+    if command == "finetune":
         # every candidate of the fair protocol trains in turn in the one job
-        candidates = parse_candidates(args.candidates) if args.candidates else [{}]
         steps = 0
-        for candidate in candidates:
-            most, least = (candidate.get(k, getattr(args, k)) for k in ("max_steps", "min_steps"))
+        for candidate in settings.candidates:
+            most, least = (candidate.get(k, getattr(settings.finetune, k))
+                           for k in ("max_steps", "min_steps"))
             steps += most or least + 1  # no cap: the least the run can take
-        return [("stage2" if args.mask is not None else "adamw", steps)]
-    if args.command == "mask" and args.method in SCORING_STEPS:
-        option, passes = SCORING_STEPS[args.method]
-        return [("adamw", getattr(args, option) * passes)]
+        return [("stage2" if settings.mask is not None else "adamw", steps)]
+    if command == "mask" and settings.method in SCORING_STEPS:
+        option, passes = SCORING_STEPS[settings.method]
+        return [("adamw", getattr(settings.config, option) * passes)]
     return []
 
 
@@ -270,44 +267,44 @@ class _FileSizes:
         self.shapes, self.max_length, self.benchmark = shapes, max_length, benchmark
         self.unsized_tasks: list[str] = []  # no local copy of their data to count rows in
 
-    def files(self, job: DryRunJob, args: Namespace | None) -> list[PlannedFile]:
-        if args is None:
+    def files(self, job: DryRunJob, parsed: tuple[str, Any] | None) -> list[PlannedFile]:
+        if parsed is None:
             return [PlannedFile(p, "tables and figures", sizes.SMALL_FILE_BYTES)
                     for p in job.outputs]
-        if args.command == "prepare" and self.benchmark == "vtab":  # image lists, no pixels
+        command, args = parsed
+        if command == "prepare" and self.benchmark == "vtab":  # image lists, no pixels
             return [PlannedFile(p, "prepared data", sizes.SMALL_FILE_BYTES) for p in job.outputs]
-        if args.command == "prepare":
+        if command == "prepare":
             size = sizes.prepared_bytes(args.data_dir and str(args.data_dir), args.task,
                                         self.max_length)
             if size is None:
                 self.unsized_tasks.append(args.task)
             return [PlannedFile(p, "prepared data", size or 0) for p in job.outputs]
-        if args.command == "sample":  # the scale file, then its small diagnostics sidecars
+        if command == "sample":  # the scale file, then its small diagnostics sidecars
             return [PlannedFile(p, "scale files", sizes.scale_file_bytes(self.shapes))
                     if Path(p) == Path(args.out)
                     else PlannedFile(p, "chain diagnostics", sizes.SMALL_FILE_BYTES)
                     for p in job.outputs]
-        if args.command == "mask":
+        if command == "mask":
             return [self._mask(p, args) for p in job.outputs]
-        if args.command == "finetune":
+        if command == "finetune":
             return [self._finetune(p, args, job) for p in job.outputs]
         return [PlannedFile(p, "tables and figures", sizes.SMALL_FILE_BYTES) for p in job.outputs]
 
-    def _mask(self, path: str, args: Namespace) -> PlannedFile:
-        from bayestune.cli import config_from_args
+    def _mask(self, path: str, args: Any) -> PlannedFile:
         from bayestune.masks import START_FILE_NAME
-        from bayestune.methods import MethodConfig, ranking_options
+        from bayestune.methods import ranking_options
 
         start = args.start_out or Path(args.out_dir) / START_FILE_NAME
         if Path(path) == Path(start):  # magnitude's start weights: a whole model
             return PlannedFile(path, "start weights", sizes.delta_file_bytes(
                 self.shapes, sizes.full_changes(self.shapes)))
         budget = _budget_of(path)
-        keep_head = ranking_options(args.method, config_from_args(args, MethodConfig))["keep_head"]
+        keep_head = ranking_options(args.method, args.config)["keep_head"]
         selected = sizes.selected_counts(self.shapes, args.method, budget, keep_head)
         return PlannedFile(path, "masks", sizes.mask_file_bytes(self.shapes, selected))
 
-    def _finetune(self, path: str, args: Namespace, job: DryRunJob) -> PlannedFile:
+    def _finetune(self, path: str, args: Any, job: DryRunJob) -> PlannedFile:
         if not path.endswith(".safetensors"):
             return PlannedFile(path, "metrics", sizes.METRICS_BYTES)
         if args.mask is not None and args.start is not None:  # the start moved everything
@@ -316,11 +313,8 @@ class _FileSizes:
             method = job.wildcards.get("method", "")
             changed = sizes.selected_counts(self.shapes, method, _budget_of(str(args.mask)))
             kind = "deltas, masked"
-        elif args.method == "lora":
-            from bayestune.cli import config_from_args
-            from bayestune.methods import LoraSettings
-
-            lora = config_from_args(args, LoraSettings, prefix="lora_").resolved()
+        elif args.lora is not None:
+            lora = args.lora.resolved()
             changed = sizes.lora_changes(self.shapes, str(lora["target_modules"]),
                                          bool(lora["train_head"]))
             kind = "deltas, lora"
@@ -385,12 +379,13 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     file_sizes = _FileSizes(shapes, int(config["max_length"]), benchmark)
     jobs = []
     for dry in dry_jobs:
-        args = _parse(parser, dry)
-        job = PlannedJob(rule=dry.rule, command=dry.command, files=file_sizes.files(dry, args),
+        parsed = _parse(parser, dry)
+        job = PlannedJob(rule=dry.rule, command=dry.command, files=file_sizes.files(dry, parsed),
                          threads=dry.threads)
-        for kind, steps in job_steps(args) if args is not None else []:
+        for kind, steps in job_steps(*parsed) if parsed is not None else []:
             job.steps += steps
-            job.hours += per_step.hours(kind, steps, args.batch_size, tokens, costs["reference"])
+            job.hours += per_step.hours(kind, steps, parsed[1].batch_size, tokens,
+                                        costs["reference"])
         for f in job.files:
             f.cached = any(cached and _under(f.path, out) for out, cached in outs)
         jobs.append(job)
@@ -406,11 +401,14 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
                 jobs_per_gpu=int(config.get("jobs_per_gpu", 1)))
 
 
-def _parse(parser, job: DryRunJob) -> Namespace | None:
+def _parse(parser, job: DryRunJob) -> tuple[str, Any] | None:
+    """(subcommand, settings) of a job's command, as the command line resolves them."""
+    from bayestune.cli import parse_command
+
     if job.command is None:
         return None
     try:
-        return parser.parse_args(job.command)
+        return parse_command(job.command, parser)
     except SystemExit as err:
         raise PlanError(f"rule {job.rule}: its command does not parse with this bayestune: "
                         f"{shlex.join(job.command)}") from err

@@ -10,25 +10,13 @@ one message that names the config key.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bayestune.errors import BayesTuneError, ConfigError
-
-
-def section_config(cls: type, section: Mapping[str, Any]) -> Any:
-    """``cls`` from a config section's keys that are its fields, each cast to its field's type
-    as the command line casts a flag (YAML may write 0 for 0.0)."""
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in section and section[f.name] is not None:
-            kind = f.metadata.get("type", type(f.default))
-            value = section[f.name]
-            values[f.name] = value if isinstance(value, bool) else kind(value)
-    return cls(**values)
+from bayestune.settings import from_section, resolve
 
 
 def _try(problems: list[str], where: str, build: Any, *args: Any) -> None:
@@ -46,24 +34,19 @@ def check_sections(config: Mapping[str, Any], *, presets: Sequence[str], seeds: 
     from bayestune.sampler import sampler_config_from_section
 
     problems: list[str] = []
-    by_preset = config.get("sampler_by_preset") or {}
-    by_seed = config.get("sampler_by_seed") or {}
     for preset in presets:
         for seed in seeds:
-            section = {**config.get("sampler", {}), **by_preset.get(preset, {}),
-                       **(by_seed.get(str(seed)) or {}).get(preset, {}), "preset": preset}
-            _try(problems, f"sampler (preset {preset}, seed {seed})",
-                 sampler_config_from_section, section)
+            _try(problems, f"sampler (preset {preset}, seed {seed})", sampler_config_from_section,
+                 resolve(config, "sampler", preset=preset, seed=seed))
     for method in methods:
-        section = {**config.get("finetune", {}),
-                   **(config.get("finetune_by_method") or {}).get(method, {})}
+        section = resolve(config, "finetune", method=method)
         for k, candidate in enumerate(candidates.get(method) or [{}]):
             where = f"finetune of {method}" + (f" (tuning candidate {k})" if candidate else "")
-            _try(problems, where, section_config, FinetuneConfig, {**section, **candidate})
-        mask = {**config.get("mask", {}), **(config.get("mask_by_method") or {}).get(method, {})}
-        _try(problems, f"mask of {method}", section_config, MethodConfig, mask)
+            _try(problems, where, from_section, FinetuneConfig, {**section, **candidate})
+        _try(problems, f"mask of {method}", from_section, MethodConfig,
+             resolve(config, "mask", method=method))
     if "lora" in methods:
-        _try(problems, "lora", section_config, LoraSettings, config.get("lora") or {})
+        _try(problems, "lora", from_section, LoraSettings, resolve(config, "lora"))
     return problems
 
 

@@ -7,7 +7,10 @@ row per (setting, task, seed), so that choosing a setting never looks at test. R
 the CSV are skipped: an interrupted sweep resumes where it stopped.
 
 The grid is a YAML file: ``runs`` is a list of ``{name, method, sampler?, mask?}``; ``sampler``
-and ``mask`` override the workflow config's sections for that run.
+and ``mask`` override the workflow config's sections for that run. Those sections are resolved
+for each job as the workflow resolves them (:func:`bayestune.settings.resolve`: the sampler's
+``sampler_by_preset`` and ``sampler_by_seed``, the methods' ``mask_by_method`` and
+``finetune_by_method``), the run's own settings on top.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 
 from bayestune import files
 from bayestune.errors import ConfigError
+from bayestune.settings import from_section, preset_of, resolve
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +88,6 @@ def grid_jobs(grid: Mapping[str, Any], tasks: Sequence[str],
             for seed in seeds for run in runs for task in tasks]
 
 
-def _dataclass_part(cls: type, section: Mapping[str, Any]) -> Any:
-    """The dataclass from a config section's own keys, each cast to its field's type as the
-    command line does (YAML may write 0 for 0.0)."""
-    return cls(**{f.name: f.metadata.get("type", type(f.default))(section[f.name])
-                  for f in fields(cls) if f.name in section})
-
-
 def architecture_of(config: Mapping[str, Any]) -> str:
     """The config's text-model architecture (key ``architecture``; the package default)."""
     from bayestune.models.base import DEFAULT_ARCHITECTURE
@@ -98,8 +95,19 @@ def architecture_of(config: Mapping[str, Any]) -> str:
     return str(config.get("architecture") or DEFAULT_ARCHITECTURE)
 
 
-def _section(config: Mapping[str, Any], name: str, overrides: Mapping[str, Any]) -> dict:
-    return {**config.get(name, {}), **overrides}
+def stage1_settings(config: Mapping[str, Any], job: SweepJob) -> dict[str, Any]:
+    """The sampler section a bayestune job runs with: the config's, resolved for the job's
+    stage-1 preset (the run's, else the config's) and seed as the workflow's sample rule
+    resolves it, with the run's own settings on top."""
+    preset = job.sampler.get("preset") or preset_of(config)
+    return {**resolve(config, "sampler", preset=preset, seed=job.seed), **job.sampler}
+
+
+def stage1_config(config: Mapping[str, Any], job: SweepJob):
+    """:func:`stage1_settings` as the sampler's config (a SamplerConfig)."""
+    from bayestune.sampler.config import sampler_config_from_section
+
+    return sampler_config_from_section(stage1_settings(config, job))
 
 
 def _task_data_cache(job: SweepJob, config: Mapping[str, Any], declared: Mapping[str, Any]):
@@ -124,15 +132,15 @@ def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str, sp
     samples behind it. Stage 1 runs on a copy: ``model`` stays at theta0 for stage 2."""
     from bayestune.methods import MethodConfig, select_masks
     from bayestune.models.base import resolve_device, task_loss
-    from bayestune.sampler import sample_scales, sampler_config_from_section
+    from bayestune.sampler.run import sample_scales
     from bayestune.tasks.base import val_scorer
 
     if job.method in ("full", "lora"):
         return None, 0
     scores, n_samples = None, 0
     if job.method == "bayestune":
-        section = _section(config, "sampler", job.sampler)
-        sampler = sampler_config_from_section(section)
+        section = stage1_settings(config, job)
+        sampler = stage1_config(config, job)
         loaded = data(section)
         validate = (val_scorer(loaded, spec, sampler.val_subset,
                                resolve_device(device)) if sampler.patience > 0 else None)
@@ -140,11 +148,10 @@ def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str, sp
                                seed=job.seed, device=device, progress=False,
                                steps_per_epoch=len(loaded.train), validate=validate)
         scores, n_samples = result.mean, result.n_samples
-    by_method = config.get("mask_by_method", {}).get(job.method, {})
-    section = _section(config, "mask", {**by_method, **job.mask})
+    section = {**resolve(config, "mask", method=job.method), **job.mask}
     budget = float(config["main_budget"])
     masks = select_masks(job.method, model.to(resolve_device(device)), data(section).train_epoch,
-                         task_loss, [budget], job.seed, _dataclass_part(MethodConfig, section),
+                         task_loss, [budget], job.seed, from_section(MethodConfig, section),
                          scores=scores)
     if masks.start is not None:  # magnitude: stage 2 goes on from the weights it ranked
         model.load_state_dict(masks.start, strict=False)
@@ -165,11 +172,11 @@ def run_job(job: SweepJob, config: Mapping[str, Any], device: str) -> dict[str, 
     model = build_task_model(job.task, config["model"], job.seed, declared,
                              architecture_of(config))
     mask, n_samples = _mask(job, config, model, data, device, spec)
-    section = _section(config, "finetune", config.get("finetune_by_method", {}).get(job.method, {}))
+    section = resolve(config, "finetune", method=job.method)
     if job.method == "lora":
-        model = wrap_lora(model, _dataclass_part(LoraSettings, config.get("lora", {})))
+        model = wrap_lora(model, from_section(LoraSettings, resolve(config, "lora")))
     result = finetune(model, data(section), spec,
-                      _dataclass_part(FinetuneConfig, section), mask=mask, seed=job.seed,
+                      from_section(FinetuneConfig, section), mask=mask, seed=job.seed,
                       device=device, progress=False)
     return {"name": job.name, "task": job.task, "seed": job.seed, "method": job.method,
             "val_score": result.val_score, "trainable_fraction": result.trainable_fraction,

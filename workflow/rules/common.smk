@@ -19,6 +19,7 @@ Tasks declared under `custom_tasks` reach the command line as `--task-file <the 
 their declaration is a param of every rule that reads it, so an edit reruns those jobs.
 """
 
+import functools
 import json
 import os
 import re
@@ -30,7 +31,8 @@ from snakemake.settings.types import DeploymentMethod
 
 from bayestune.masks import mask_file_name
 from bayestune.methods.registry import BUDGETED as _BUDGETED, FIXED as _FIXED, REGISTRY
-from bayestune.provenance import command_code_hash, folder_fingerprint
+from bayestune.provenance import folder_fingerprint, job_code_hash
+from bayestune.settings import preset_of as config_preset, resolve, to_flags
 from bayestune.selection import (
     MASK_KEY, PRESET_KEY, candidate_presets, check_equal_counts, method_grid,
 )
@@ -97,8 +99,7 @@ MASK_METHODS = [m for m in METHODS if m in BUDGETED + FIXED]
 TUNING = config.get("tuning") or {}
 CANDIDATES = check_equal_counts(TUNING, METHODS)
 # Stage-1 presets whose scales bayestune's candidates use (the sampler's own when none is named).
-PRESETS = (candidate_presets(TUNING, config["sampler"].get("preset", "exact"))
-           if "bayestune" in METHODS else [])
+PRESETS = (candidate_presets(TUNING, config_preset(config)) if "bayestune" in METHODS else [])
 
 # Every task must be known before any job starts: a typo fails here, not job by job.
 CUSTOM_TASKS = parse_custom_tasks(config.get("custom_tasks"), where="config custom_tasks")
@@ -142,28 +143,6 @@ def budgets_flag(budgets):
     return ",".join(format(b, "g") for b in budgets)
 
 
-def _flag_value(value):
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # 1e12 -> 1000000000000, which int and float options both read
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def cli_flags(options, prefix=""):
-    """Config section -> flags, as the CLI generates them from dataclass fields."""
-    parts = []
-    for key, value in options.items():
-        name = (prefix + key).replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            parts.append(f"--{name}" if value else f"--no-{name}")
-        else:
-            parts.append(f"--{name} {shlex.quote(_flag_value(value))}")
-    return " ".join(parts)
-
-
 def gpu_slot_flags(uses_gpu=True):
     """--gpu-slots for a job that asks for a GPU, so that local jobs spread over the GPUs. How
     many jobs share a GPU (jobs_per_gpu) is in the shell prefix: it changes where a job runs,
@@ -179,11 +158,18 @@ def gpu_slot_flags(uses_gpu=True):
 # the raw task files as params, while HOW a job runs (the interpreter's path, progress bars, log
 # lines, the data folder's spelling or place) travels in the shell prefix and the environment,
 # which Snakemake does not compare: moving the venv or turning on `progress` reruns nothing.
-CODE = {
-    command: command_code_hash(command)
-    for command in ("prepare", "sample", "mask", "finetune", "report", "figures", "diagnose",
-                    "cut-vocabulary")
-}
+# A job's code hash covers what its subcommand runs and the modules it loads by name: its
+# method's (a mask job's method, LoRA's adapter in a fine-tuning job) and its declared task's
+# kind's (bayestune.code_hash). Cached: the files are read once per Snakemake run.
+code_hash = functools.lru_cache(maxsize=None)(job_code_hash)
+
+
+def code(command, method=None, task=None):
+    """The code hash of one job (a param of every rule that runs a subcommand)."""
+    kind = CUSTOM_TASKS[task].kind if task in CUSTOM_TASKS else None
+    return code_hash(command, method=method, task_kind=kind)
+
+
 _DATA_ENV, _DATA_KEY = (
     ("BAYESTUNE_VTAB_DIR", "vtab_dir") if BENCH == "vtab" else ("BAYESTUNE_GLUE_DIR", "glue_dir")
 )
@@ -285,10 +271,9 @@ def preset_of(wildcards):
 def sampler_flags(wildcards):
     """The sampler section under the preset's name, with the preset's own overrides
     (sampler_by_preset, e.g. a scaled-down reference chain), then those of the seed
-    (sampler_by_seed, e.g. the paper's full-length chain for seed 0 only)."""
-    overrides = config["sampler_by_preset"].get(wildcards.preset, {})
-    by_seed = config["sampler_by_seed"].get(str(wildcards.seed), {}).get(wildcards.preset, {})
-    return cli_flags({**config["sampler"], **overrides, **by_seed, "preset": wildcards.preset})
+    (sampler_by_seed, e.g. the paper's full-length chain for seed 0 only): bayestune.settings,
+    as the sweep resolves it."""
+    return to_flags(resolve(config, "sampler", preset=wildcards.preset, seed=wildcards.seed))
 
 
 def start_file(method, task, seed):
@@ -339,8 +324,7 @@ def mask_options(wildcards):
 
 def mask_flags(wildcards):
     """The mask section with the method's own overrides (e.g. bayestune: {keep_head: true})."""
-    overrides = config["mask_by_method"].get(wildcards.method, {})
-    return cli_flags({**config["mask"], **overrides})
+    return to_flags(resolve(config, "mask", method=wildcards.method))
 
 
 def finetune_inputs(wildcards):
@@ -360,7 +344,7 @@ def finetune_source(wildcards):
     otherwise. A function of the wildcards alone: Snakemake does not compare params computed
     from the input files, and the LoRA settings must rerun LoRA when they change."""
     if wildcards.method == "lora":
-        return f"--method lora {cli_flags(config['lora'], prefix='lora_')}"
+        return f"--method lora {to_flags(resolve(config, 'lora'), prefix='lora_')}"
     if wildcards.method in UNMASKED:
         return f"--method {wildcards.method}"
     preset = PRESETS[0] if wildcards.method == "bayestune" else None
@@ -374,8 +358,8 @@ def finetune_source(wildcards):
 def finetune_flags(wildcards):
     """The finetune section with the method's own overrides (full fine-tuning wants a far
     smaller learning rate than a 0.5% mask)."""
-    overrides = config["finetune_by_method"].get(wildcards.method, {})
-    return f"{cli_flags({**config['finetune'], **overrides})}{candidates_flag(wildcards)}"
+    section = resolve(config, "finetune", method=wildcards.method)
+    return f"{to_flags(section)}{candidates_flag(wildcards)}"
 
 
 def candidates_flag(wildcards):

@@ -12,7 +12,7 @@ rule cut_vocabulary:
     log:
         f"{RES}/logs/cut_vocabulary.log",
     params:
-        code=CODE["cut-vocabulary"],
+        code=code("cut-vocabulary"),
         source=lambda wc: [data_source(task) for task in TASKS],
         architecture=ARCHITECTURE,
         model=config["model"],
@@ -37,7 +37,7 @@ rule prepare:
     log:
         f"{RES}/logs/prepare/{{task}}.log",
     params:
-        code=CODE["prepare"],
+        code=lambda wc: code("prepare", task=wc.task),
         architecture=ARCHITECTURE,
         source=lambda wc: data_source(wc.task),
         task_file=lambda wc: task_file_flag(wc.task),

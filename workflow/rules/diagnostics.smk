@@ -18,7 +18,7 @@ rule chain_figures:
     log:
         f"{RES}/logs/figures/{{task}}_chain.log",
     params:
-        code=CODE["diagnose"],
+        code=code("diagnose"),
         out_dir=lambda wildcards, output: os.path.dirname(output.table),
         masks=lambda wildcards, input: (
             " --masks " + " ".join(map(shlex.quote, input.masks))) if input.masks else "",

@@ -11,7 +11,7 @@ rule finetune:
     log:
         f"{RES}/logs/finetune/{{method}}/{{task}}/{{label}}/seed{{seed}}.log",
     params:
-        code=CODE["finetune"],
+        code=lambda wc: code("finetune", method=wc.method, task=wc.task),
         architecture=ARCHITECTURE,
         model=MODEL,
         device=config["device"],

@@ -13,7 +13,7 @@ rule mask:
     log:
         f"{RES}/logs/mask/{{method}}/{{task}}/seed{{seed}}.log",
     params:
-        code=CODE["mask"],
+        code=lambda wc: code("mask", method=wc.method, task=wc.task),
         architecture=ARCHITECTURE,
         model=MODEL,
         device=config["device"],

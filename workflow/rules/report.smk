@@ -25,7 +25,7 @@ rule report:
     log:
         f"{RES}/logs/report.log",
     params:
-        code=CODE["report"],
+        code=code("report"),
         benchmark=BENCH,
         model=MODEL,
         main_budget=budgets_flag([MAIN_BUDGET]),
@@ -53,7 +53,7 @@ rule task_figures:
     log:
         f"{RES}/logs/figures/{{task}}.log",
     params:
-        code=CODE["figures"],
+        code=code("figures"),
         inputs=figure_options,
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     threads: 1

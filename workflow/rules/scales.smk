@@ -14,7 +14,7 @@ rule sample:
     log:
         f"{RES}/logs/sample/{{preset}}/{{task}}/seed{{seed}}.log",
     params:
-        code=CODE["sample"],
+        code=lambda wc: code("sample", task=wc.task),
         architecture=ARCHITECTURE,
         model=MODEL,
         device=config["device"],

@@ -7,9 +7,10 @@ trains before it ranks) with ``batches(epoch)`` yielding training batches
 (True = trainable). Top-k ranking (nested masks, ties, budget checks) lives in
 :func:`bayestune.masks.masks_from_scores`, so every ranked method cuts the same way.
 
-One module per method family: ``random_mask`` (random), ``magnitude`` (MagPruning), ``lt_sft``,
-``fisher``, ``sam``, ``fixed`` (full, bitfit), ``scales`` (bayestune), ``lora``. The
-names, kinds and defaults of all of them are in ``registry``.
+One module per method family (:data:`METHOD_MODULES`): ``random_mask`` (random), ``magnitude``
+(MagPruning), ``lt_sft``, ``fisher``, ``sam``, ``fixed`` (full, bitfit), ``scales`` (bayestune),
+``lora``; what they share in ``common``, their settings in ``config``. The names, kinds and
+defaults of all of them are in ``registry``.
 """
 
 from __future__ import annotations
@@ -35,45 +36,46 @@ if TYPE_CHECKING:
     from bayestune.methods.config import Batches, LossFn, MaskMethod, Masks, MethodConfig
 
 __all__ = [
-    "LORA_PRESETS", "METHODS", "REGISTRY", "SCORERS", "Batches", "LoraSettings", "LossFn", "Mask",
+    "ADAPTERS", "LORA_PRESETS", "METHODS", "METHOD_MODULES", "REGISTRY", "SCORED", "SCORERS",
+    "Batches", "LoraSettings", "LossFn", "Mask",
     "MaskMethod", "Masks", "MethodConfig", "MethodError", "MethodSpec", "get_spec",
     "lora_trainable_fraction", "mask_overlap", "merge_lora", "method_names", "method_scores",
     "method_settings", "published_differences", "published_label", "ranking_options",
     "select_masks", "wrap_lora",
 ]
 
-# Names exported from the method modules, imported on first use: a job (and Snakemake, which
-# reads the registry) then loads only the methods it runs. Importing every method at once costs
-# seconds per process and would put every method's code into every stage's rerun key.
+# The module each method runs in. A job loads only its method's module (its mask function,
+# or LoRA's adapter), not all of them: importing every method costs seconds per process, and
+# bayestune.provenance reads this table (a literal, by its name) so that a job's rerun key
+# covers the code of its own method and of no other.
+METHOD_MODULES = {
+    "full": "fixed", "lora": "lora", "bitfit": "fixed", "random": "random_mask",
+    "magnitude": "magnitude", "lt-sft": "lt_sft", "fisher": "fisher", "sam": "sam",
+    "bayestune": "scales",
+}
+ADAPTERS = ("lora",)  # wrap the model in stage 2 instead of masking it: no mask function
+SCORED = ("random", "magnitude", "lt-sft", "fisher", "sam")  # rank a score they compute
+assert list(METHOD_MODULES) == list(REGISTRY), "the registry and the module table must agree"
+
+# Names exported from the method modules, imported on first use (see above).
 _EXPORTS = {
-    **dict.fromkeys(("Batches", "LossFn", "Mask", "MaskMethod", "Masks", "MethodConfig",
-                     "method_settings", "ranking_options"), "config"),
-    **dict.fromkeys(("LORA_PRESETS", "LoraSettings", "lora_trainable_fraction", "merge_lora",
-                     "wrap_lora"), "lora"),
+    **dict.fromkeys(("Batches", "LORA_PRESETS", "LoraSettings", "LossFn", "Mask", "MaskMethod",
+                     "Masks", "MethodConfig", "method_settings", "ranking_options"), "config"),
+    **dict.fromkeys(("lora_trainable_fraction", "merge_lora", "wrap_lora"), "lora"),
     "mask_overlap": "overlap",
 }
 
-# Every registered method except the adapters has a mask function (full's is all ones).
-_MASK_FUNCTIONS = {
-    "full": ("fixed", "full_masks"),
-    "bitfit": ("fixed", "bitfit_masks"),
-    "random": ("random_mask", "random_masks"),
-    "magnitude": ("magnitude", "magnitude_masks"),
-    "lt-sft": ("lt_sft", "lt_sft_masks"),
-    "fisher": ("fisher", "fisher_masks"),
-    "sam": ("sam", "sam_masks"),
-    "bayestune": ("scales", "bayestune_masks"),
-}
-# The per-scalar score each ranked method computes (higher = trained first).
-_SCORE_FUNCTIONS = {
-    "random": ("random_mask", "random_scores"),
-    "magnitude": ("magnitude", "magnitude_scores"),
-    "lt-sft": ("lt_sft", "lt_sft_scores"),
-    "fisher": ("fisher", "fisher_scores"),
-    "sam": ("sam", "sam_scores"),
-}
-assert set(_MASK_FUNCTIONS) == set(REGISTRY) - {"lora"}, \
-    "the registry and the mask functions must name the same methods"
+
+def _function(name: str, suffix: str) -> tuple[str, str]:
+    """(module, function) of a method's function: ``lt-sft`` -> lt_sft.lt_sft_masks."""
+    return METHOD_MODULES[name], name.replace("-", "_") + suffix
+
+
+# Every registered method except the adapters has a mask function (full's is all ones), and
+# the ranked ones the per-scalar score they compute (higher = trained first).
+_MASK_FUNCTIONS = {name: _function(name, "_masks") for name in METHOD_MODULES
+                   if name not in ADAPTERS}
+_SCORE_FUNCTIONS = {name: _function(name, "_scores") for name in SCORED}
 
 
 def _load(module: str, name: str) -> Any:

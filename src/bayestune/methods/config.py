@@ -1,16 +1,18 @@
 """The settings of every mask method (one dataclass: its fields are config keys and CLI flags),
-the mask-method signature, and how a method's ranking default meets the config's overrides."""
+the mask-method signature, how a method's ranking default meets the config's overrides, and
+LoRA's settings with its named presets (:mod:`bayestune.methods.lora` runs them)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
 from torch import Tensor, nn
 
 from bayestune.errors import ConfigError
-from bayestune.methods.registry import BUDGETED, Ranking, get_spec
+from bayestune.methods.registry import BUDGETED, MethodError, Ranking, get_spec
 
 Batches = Callable[[int], Iterable[dict]]
 LossFn = Callable[[nn.Module, dict], Tensor]
@@ -107,3 +109,58 @@ class MaskMethod(Protocol):
     def __call__(self, model: nn.Module, batches: Batches | None, loss_fn: LossFn,
                  budgets: Sequence[float], seed: int, config: MethodConfig, *,
                  scores: Mapping[str, Tensor] | None = None) -> Masks: ...
+
+
+# --- LoRA ------------------------------------------------------------------------------------
+LORA_PRESETS: dict[str, dict[str, object]] = {
+    "default": {"rank": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": "query,value",
+                "init": "zero", "train_head": True},
+    "sam": {"rank": 4, "alpha": 1.0, "dropout": 0.0,
+            "target_modules": "query,key,value,output.dense,intermediate.dense",
+            "init": "random", "train_head": False},
+}
+LORA_INITS = ("zero", "random")
+
+
+@dataclass
+class LoraSettings:
+    preset: str = field(default="default", metadata={
+        "help": f"named LoRA settings: {', '.join(LORA_PRESETS)} (sam: the SAM repo's, whose "
+                "runs give the published LoRA row); the fields below override it"})
+    rank: int | None = field(default=None, metadata={"type": int, "help": "LoRA rank r"})
+    alpha: float | None = field(default=None, metadata={
+        "type": float, "help": "LoRA scaling alpha (update = alpha/r BA)"})
+    dropout: float | None = field(default=None, metadata={
+        "type": float, "help": "dropout on the LoRA input"})
+    target_modules: str | None = field(default=None, metadata={
+        "type": str, "help": "comma-separated names (or name suffixes) of the linear layers to "
+                             "adapt: RoBERTa/BERT call the attention projections query,key,value; "
+                             "timm ViTs use qkv; or all-linear"})
+    init: str | None = field(default=None, metadata={
+        "type": str, "help": "zero: B = 0, the adapter starts as a no-op (peft's default); "
+                             "random: A and B both Kaiming-uniform (the SAM repo)"})
+    train_head: bool | None = field(default=None, metadata={
+        "type": bool, "help": "train the task head beside the adapters"})
+
+    def __post_init__(self) -> None:
+        if self.preset not in LORA_PRESETS:
+            raise MethodError(f"unknown LoRA preset {self.preset!r}; known: "
+                              f"{', '.join(LORA_PRESETS)}")
+        if self.init is not None and self.init not in LORA_INITS:
+            raise MethodError(f"unknown LoRA init {self.init!r}; choose {' or '.join(LORA_INITS)}")
+        # The schema's bounds, for the command line too.
+        if self.rank is not None and self.rank < 1:
+            raise MethodError(f"LoRA rank {self.rank} must be at least 1")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise MethodError(f"LoRA alpha {self.alpha} must be a finite number > 0")
+        if self.dropout is not None and not 0 <= self.dropout <= 1:
+            raise MethodError(f"LoRA dropout {self.dropout} must be in [0, 1]")
+
+    def resolved(self) -> dict[str, object]:
+        """The preset's values with the explicitly set fields on top."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        return {**LORA_PRESETS[self.preset], **{k: v for k, v in own.items() if v is not None}}
+
+    def effective_preset(self) -> str:
+        """The preset's name if no field changed it, else ``custom``."""
+        return self.preset if self.resolved() == LORA_PRESETS[self.preset] else "custom"

@@ -11,73 +11,24 @@ RoBERTa-base, the nearest rank to the table's 0.5% budget. It trained at the run
 
 A field set explicitly (config key or flag) overrides the preset's value; a run records the
 preset only when nothing was overridden (else ``custom``), and only ``sam`` runs get the
-published LoRA row.
+published LoRA row. The settings (:class:`LoraSettings`, the presets) are in
+:mod:`bayestune.methods.config`, with every method's, and re-exported here: the command line
+reads them for every fine-tuning job, while this module runs in LoRA jobs only.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-from dataclasses import dataclass, field, fields
 
 from torch import nn
 
+from bayestune.methods.config import LORA_INITS, LORA_PRESETS, LoraSettings
 from bayestune.methods.registry import MethodError
 from bayestune.models.base import TaskModel, is_head
 
-LORA_PRESETS: dict[str, dict[str, object]] = {
-    "default": {"rank": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": "query,value",
-                "init": "zero", "train_head": True},
-    "sam": {"rank": 4, "alpha": 1.0, "dropout": 0.0,
-            "target_modules": "query,key,value,output.dense,intermediate.dense",
-            "init": "random", "train_head": False},
-}
-LORA_INITS = ("zero", "random")
-
-
-@dataclass
-class LoraSettings:
-    preset: str = field(default="default", metadata={
-        "help": f"named LoRA settings: {', '.join(LORA_PRESETS)} (sam: the SAM repo's, whose "
-                "runs give the published LoRA row); the fields below override it"})
-    rank: int | None = field(default=None, metadata={"type": int, "help": "LoRA rank r"})
-    alpha: float | None = field(default=None, metadata={
-        "type": float, "help": "LoRA scaling alpha (update = alpha/r BA)"})
-    dropout: float | None = field(default=None, metadata={
-        "type": float, "help": "dropout on the LoRA input"})
-    target_modules: str | None = field(default=None, metadata={
-        "type": str, "help": "comma-separated names (or name suffixes) of the linear layers to "
-                             "adapt: RoBERTa/BERT call the attention projections query,key,value; "
-                             "timm ViTs use qkv; or all-linear"})
-    init: str | None = field(default=None, metadata={
-        "type": str, "help": "zero: B = 0, the adapter starts as a no-op (peft's default); "
-                             "random: A and B both Kaiming-uniform (the SAM repo)"})
-    train_head: bool | None = field(default=None, metadata={
-        "type": bool, "help": "train the task head beside the adapters"})
-
-    def __post_init__(self) -> None:
-        if self.preset not in LORA_PRESETS:
-            raise MethodError(f"unknown LoRA preset {self.preset!r}; known: "
-                              f"{', '.join(LORA_PRESETS)}")
-        if self.init is not None and self.init not in LORA_INITS:
-            raise MethodError(f"unknown LoRA init {self.init!r}; choose {' or '.join(LORA_INITS)}")
-        # The schema's bounds, for the command line too.
-        if self.rank is not None and self.rank < 1:
-            raise MethodError(f"LoRA rank {self.rank} must be at least 1")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise MethodError(f"LoRA alpha {self.alpha} must be a finite number > 0")
-        if self.dropout is not None and not 0 <= self.dropout <= 1:
-            raise MethodError(f"LoRA dropout {self.dropout} must be in [0, 1]")
-
-    def resolved(self) -> dict[str, object]:
-        """The preset's values with the explicitly set fields on top."""
-        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
-        return {**LORA_PRESETS[self.preset], **{k: v for k, v in own.items() if v is not None}}
-
-    def effective_preset(self) -> str:
-        """The preset's name if no field changed it, else ``custom``."""
-        return self.preset if self.resolved() == LORA_PRESETS[self.preset] else "custom"
+__all__ = ["LORA_INITS", "LORA_PRESETS", "LoraSettings", "lora_trainable_fraction", "merge_lora",
+           "wrap_lora"]
 
 
 def _lora_config(values: dict[str, object]):

@@ -12,6 +12,7 @@ from typing import Any
 
 from bayestune.errors import ConfigError, RunFailedError
 from bayestune.prior import FLOOR_GRADIENTS, LaplaceGammaPrior
+from bayestune.settings import section_values
 
 VARIANTS = ("adamw", "hf-adamw", "sgld")
 SCHEDULES = ("constant", "jiant")
@@ -260,9 +261,7 @@ def sampler_config(preset: str = "exact", **settings: Any) -> SamplerConfig:
 def sampler_config_from_section(section: Mapping[str, Any]) -> SamplerConfig:
     """A config file's sampler section (other keys ignored), each value cast to its field's
     type as the command line does (YAML may write 0 for 0.0), preset resolved."""
-    values = {f.name: type(f.default)(section[f.name])
-              for f in dataclasses.fields(SamplerConfig) if f.name in section}
-    return sampler_config(**values)
+    return sampler_config(**section_values(SamplerConfig, section))
 
 
 def preset_overrides(config: SamplerConfig) -> list[str]:
