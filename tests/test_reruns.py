@@ -1,7 +1,9 @@
 """Reruns that are right, on a copy of the session's finished tiny run (two tasks, two
 budgets, two stage-1 presets; tests/shared_runs.py):
 
-* a change to the code a stage runs reruns that stage and what follows, and nothing else;
+* a change to the code a stage runs reruns that stage and what follows, and nothing else: not
+  a change to another subcommand's help, to a method or a kind of task the run does not use,
+  to the reports or to the planner;
 * new raw data reruns everything built from it;
 * how a run is started (the data folder's spelling or place, progress bars, the interpreter's
   path) reruns nothing;
@@ -80,10 +82,15 @@ def finished(tmp_path_factory, glue_dir) -> tuple[Path, Path]:
 
 
 @contextmanager
-def edited(path: Path) -> Iterator[None]:
+def edited(path: Path, old: bytes | None = None, new: bytes = b"") -> Iterator[None]:
+    """``path`` with a comment appended, or with ``old`` replaced by ``new``; undone after."""
     original = path.read_bytes()
     try:
-        path.write_bytes(original + b"\n# an edit\n")
+        if old is None:
+            path.write_bytes(original + b"\n# an edit\n")
+        else:
+            assert original.count(old) == 1, f"{old!r} is not once in {path}"
+            path.write_bytes(original.replace(old, new))
         yield
     finally:
         path.write_bytes(original)
@@ -109,8 +116,41 @@ def test_editing_fine_tuning_reruns_every_fine_tuning_run(finished):
     run, config = finished
     with edited(run / "src/bayestune/finetune.py"):
         counts = planned(run, config)
-    # The figures share the report's modules (reports.py -> sweep.py -> finetune.py).
+    # The figures share the report's modules, and the report reads the runs' candidates with
+    # the fair protocol's module, which checks them against FinetuneConfig (selection.py ->
+    # finetune.py).
     assert counts == {"finetune": 10, **REPORTING}
+
+
+# What a change to code that no stage-1 job runs may rerun: the help of a subcommand no rule
+# calls, a method and a kind of declared task the run does not use, and the planner rerun
+# nothing; the reports rerun the reports. Never prepare or sample.
+@pytest.mark.parametrize("path, old, new, expected", [
+    ("commands/sweep.py", b'help="jobs run at once"', b'help="jobs the sweep runs at once"', {}),
+    ("methods/lora.py", None, b"", {}),
+    ("tasks/custom_images.py", None, b"", {}),
+    ("plan.py", None, b"", {}),
+    ("reports/figures.py", None, b"", REPORTING),
+    ("reports/tables.py", b'"""A small results table as CSV', b'"""A results table as CSV',
+     REPORTING),
+], ids=["help of sweep", "lora", "custom images", "planner", "figures", "tables"])
+def test_code_stage_one_does_not_run_reruns_no_stage_one_job(finished, path, old, new,
+                                                              expected):
+    run, config = finished
+    with edited(run / "src/bayestune" / path, old, new):
+        counts = planned(run, config)
+    assert counts == expected
+    assert not {"prepare", "sample"} & set(counts)
+
+
+def test_editing_one_method_reruns_that_methods_masks_and_runs_only(finished):
+    run, config = finished
+    with edited(run / "src/bayestune/methods/random_mask.py"):
+        counts = planned(run, config)
+    # the random masks (a job per task) and their runs (two budgets per task); the figures
+    # of the masks; not bayestune's chains, masks or runs, nor full fine-tuning
+    assert counts == {"mask": 2, "finetune": 4, "report": 1, "task_figures": 2,
+                      "score_figure": 1, "val_curves": 2, "paired_figure": 1, "all": 1}
 
 
 def test_new_raw_data_reruns_everything_built_from_it(finished, glue_dir, tmp_path):

@@ -131,3 +131,54 @@ def test_the_command_line_prints_the_summary_and_draws_the_figure(tmp_path, monk
     printed = capsys.readouterr().out.splitlines()
     assert printed[2].startswith("cold") and "75.0" in printed[2]
     assert out.with_suffix(".png").is_file()
+
+
+# --- the sampler section, resolved as the workflow resolves it ----------------------------------
+BY_PRESET_AND_SEED = {
+    "sampler": {"preset": "cold", "batch_size": 4, "steps": 40, "warmup_steps": 10,
+                "burnin_steps": 20, "thinning": 5},
+    "sampler_by_preset": {"reference": {"steps": 60, "min_steps": 0, "patience": 0,
+                                        "schedule_epochs": 100}},
+    "sampler_by_seed": {"1": {"reference": {"steps": 80, "burnin_steps": 30}}},
+}
+
+
+def test_a_sweep_chain_takes_the_presets_and_the_seeds_overrides():
+    grid = {"runs": [{"name": "own"}, {"name": "ref", "sampler": {"preset": "reference"}},
+                     {"name": "ref-thin", "sampler": {"preset": "reference", "thinning": 2}}]}
+    jobs = {(j.name, j.seed): j for j in sweep.grid_jobs(grid, ["cb"], [0, 1])}
+    own = sweep.stage1_config(BY_PRESET_AND_SEED, jobs["own", 1])
+    assert (own.preset, own.steps, own.noise_discount) == ("cold", 40, 0.0)  # no overrides
+    seed0 = sweep.stage1_config(BY_PRESET_AND_SEED, jobs["ref", 0])
+    assert (seed0.preset, seed0.steps, seed0.burnin_steps, seed0.schedule_epochs) == (
+        "reference", 60, 20, 100)  # the section, then sampler_by_preset
+    seed1 = sweep.stage1_config(BY_PRESET_AND_SEED, jobs["ref", 1])
+    assert (seed1.steps, seed1.burnin_steps) == (80, 30)  # then sampler_by_seed
+    thin = sweep.stage1_config(BY_PRESET_AND_SEED, jobs["ref-thin", 1])
+    assert (thin.steps, thin.thinning) == (80, 2)  # the run's own settings on top
+
+
+def test_a_sweep_chain_is_the_workflows_chain(tmp_path):
+    """Every stage-1 job of a dry run of config/gpu.yaml (three presets; sampler_by_preset
+    and, for seed 0, sampler_by_seed) runs the sampler settings that the sweep resolves for
+    the same preset and seed."""
+    from shared_runs import copy_workflow
+    from test_workflow import bayestune_commands, snakemake
+
+    from bayestune.cli import build_parser, parse_command
+
+    workdir = copy_workflow(tmp_path / "workflow")
+    result = snakemake(workdir, "-n", "-p", "--cores", "1", "--configfile", "config/gpu.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = sweep.read_yaml(workdir / "config/gpu.yaml")
+    parser = build_parser()
+    seen = {}
+    for argv in bayestune_commands(result.stdout)["sample"]:
+        _, settings = parse_command(argv, parser)
+        job = sweep.SweepJob("x", "bayestune", settings.task, settings.seed,
+                             {"preset": settings.sampler.preset})
+        assert sweep.stage1_config(config, job) == settings.sampler, argv
+        seen[settings.sampler.preset, settings.seed] = settings.sampler.steps
+    # the overrides took part: reference's own length, and seed 0's full-length chain
+    assert seen["reference", 0] == 20000 and seen["reference", 1] == 2000
+    assert {preset for preset, _ in seen} == {"reference", "exact", "cold"}

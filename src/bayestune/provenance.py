@@ -1,10 +1,11 @@
 """Where a result came from, and which code a subcommand runs.
 
 * :func:`collect` builds the provenance record that every scale, mask, delta and metrics file
-  carries (``files.py`` attaches it): package version, git commit of the source and whether it
-  had uncommitted changes, a hash of the code the subcommand runs, a hash of the lock file, a
-  hash of the resolved settings the command ran with, Python/torch/transformers versions and
-  the device. The report groups runs by it and warns when one table mixes code or software.
+  carries (:mod:`bayestune.files` attaches it): package version, git commit of the source and
+  whether it had uncommitted changes, a hash of the code the subcommand runs, a hash of the
+  lock file, a hash of the resolved settings the command ran with, Python/torch/transformers
+  versions and the device. The report groups runs by it and warns when one table mixes code
+  or software.
 * :func:`command_code_hash` hashes the modules a ``bayestune`` subcommand runs, and
   :func:`job_code_hash` those of one job (with its method's and its task kind's modules); both
   live in :mod:`bayestune.code_hash` and are re-exported here. The workflow passes a job's hash

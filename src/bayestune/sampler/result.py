@@ -26,7 +26,7 @@ class ScaleResult:
     best_val: float | None = None        # the length rule's best validation score
 
     def metadata(self, config: SamplerConfig, *, seed: int, model_id: str) -> dict[str, Any]:
-        """What the scale file records besides the tensors (files.py adds the version): the
+        """What the scale file records besides the tensors (bayestune.files adds the version): the
         preset, every resolved setting and which of them override the preset."""
         extra = {k: v for k, v in (("steps_per_epoch", self.steps_per_epoch),
                                    ("best_val", self.best_val)) if v is not None}
