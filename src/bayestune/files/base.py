@@ -220,7 +220,6 @@ def read_csv_table(path: PathLike, columns: Sequence[str]) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-
 def append_csv_row(path: PathLike, row: Mapping[str, Any], columns: Sequence[str]) -> None:
     """Append one row (header first when the file is new); one short write, so an interrupted
     run leaves whole rows behind."""

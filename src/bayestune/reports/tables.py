@@ -352,7 +352,6 @@ def write_table_csv(table: pd.DataFrame, path: PathLike) -> Path:
     return path
 
 
-
 def read_paired(path: PathLike) -> pd.DataFrame:
     """A ``<benchmark>_paired.csv`` as :func:`write_table_csv` wrote it (budgets as labels)."""
     table = pd.read_csv(path, dtype={"budget": str, "reference_budget": str})

@@ -460,7 +460,6 @@ def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-
 def _nonfinite_names(names: Sequence[str], tensors: Sequence[Tensor]) -> list[str]:
     return [n for n, t in zip(names, tensors, strict=True) if not torch.isfinite(t).all()]
 

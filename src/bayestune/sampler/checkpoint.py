@@ -161,7 +161,6 @@ def _optimiser_state(opt: torch.optim.Optimizer | None, bf16: bool) -> dict[str,
     return state
 
 
-
 def _resume_key(config: SamplerConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
 
