@@ -32,8 +32,9 @@ from typing import Any
 
 PACKAGE = "bayestune"
 DISPATCH = f"{PACKAGE}.cli.dispatch"  # read for the command's module, not hashed
-# The subcommands that load a method's module by name, and which methods' modules they load.
-_LOADS_METHOD = {"mask": "every method", "finetune": "adapters"}
+# The subcommands that load a method's module by name: a mask job its method's, a fine-tuning
+# job an adapter's (a masked run trains the mask file's scalars: no method code runs).
+_LOADS_METHOD = ("mask", "finetune")
 
 
 def package_dir() -> Path:
