@@ -12,6 +12,7 @@ device-hours, and the file formats with the model's shapes give the disk of ever
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -27,6 +28,7 @@ import yaml
 
 from bayestune import sizes
 from bayestune.errors import ConfigError
+from bayestune.settings import resolve
 
 VISION_TOKENS = 197  # ViT-B/16 at 224 px: 14 x 14 patches and the class token
 # Scoring steps of the gradient-based mask methods, in AdamW-step equivalents: the option
@@ -377,9 +379,11 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     stage, outs = dvc_outs(root, configfile)
     parser = build_parser()
     file_sizes = _FileSizes(shapes, int(config["max_length"]), benchmark)
-    jobs = []
+    jobs, samplers = [], []
     for dry in dry_jobs:
         parsed = _parse(parser, dry)
+        if parsed is not None and parsed[0] == "sample":  # its chain as the job resolves it
+            samplers.append(dataclasses.asdict(parsed[1].sampler))
         job = PlannedJob(rule=dry.rule, command=dry.command, files=file_sizes.files(dry, parsed),
                          threads=dry.threads)
         for kind, steps in job_steps(*parsed) if parsed is not None else []:
@@ -393,11 +397,14 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
         notes.append(f"prepared data not estimated (no local copy to count rows in): "
                      f"{', '.join(sorted(file_sizes.unsized_tasks))}")
     model = sizes.model_bytes(shapes)
+    # the largest stage-1 job: each sample job's settings (preset, sampler_by_preset,
+    # sampler_by_seed resolved); the config's own section when none is left to run
+    samplers = samplers or [resolve(config, "sampler")]
     return Plan(configfile=configfile, device=device, model=config["model"], n_scalars=n_scalars,
                 job_counts=counts, jobs=jobs, notes=notes, dvc_stage=stage,
                 uncached_outs=[out for out, cached in outs if not cached],
-                checkpoint_bytes=int(sizes.checkpoint_models(config.get("sampler") or {}) * model),
-                running_stats_bytes=sizes.running_stats_models(config.get("sampler") or {}) * model,
+                checkpoint_bytes=int(max(map(sizes.checkpoint_models, samplers)) * model),
+                running_stats_bytes=max(map(sizes.running_stats_models, samplers)) * model,
                 jobs_per_gpu=int(config.get("jobs_per_gpu", 1)))
 
 
