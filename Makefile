@@ -101,7 +101,7 @@ reproduce: install
 		| tee results/reproduce/wall_time.txt
 
 # Stage-1 settings for cpu.yaml, scored on the validation split only (hours on 2 cores; minutes
-# with --device cuda --workers 12 on a GPU: README.md, "Results").
+# with --device cuda --workers 12 on a GPU: docs/RESULTS.md).
 sweep-cpu: install
 	$(check_glue_source)
 	$(BIN)/snakemake --cores all --configfile config/cpu.yaml $(GLUE_SOURCE) --until prepare
@@ -118,7 +118,7 @@ report: install
 	$(BIN)/snakemake --configfile $(CONFIG) \
 		--report results/$(notdir $(basename $(CONFIG)))_report.html
 
-# GPU evidence (README.md, "GPU evidence"). Here, with Snakemake: `make gpu-carry` writes MiniLM
+# GPU evidence (docs/RESULTS.md, "GPU evidence"). Here, with Snakemake: `make gpu-carry` writes MiniLM
 # in fp16 with its tokenizer to .carry/minilm (45 MB, ignored by git: it travels as a carried
 # path) and `make gpu-jobs` renders config/gpu.yaml's jobs into config/gpu_jobs.json (committed).
 # On the GPU machine (python3 with torch, no Snakemake, no network): `make gpu-evidence` runs that
