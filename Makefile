@@ -95,8 +95,8 @@ reproduce: install
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce.yaml $(GLUE_SOURCE) --until sample && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_cold.yaml $(GLUE_SOURCE) && \
-	$(BIN)/bayestune compare-chains --out-dir results/reproduce/analysis \
-		--runs results/reproduce results/reproduce_cold --task cola && \
+	$(BIN)/bayestune compare-chains results/reproduce results/reproduce_cold --task cola \
+		--out-dir results/reproduce/analysis && \
 	echo "make reproduce: $$(( $$(date +%s) - start )) s on $$(nproc) cores" \
 		| tee results/reproduce/wall_time.txt
 

@@ -36,11 +36,14 @@ from bayestune import files
 from bayestune.diagnostics import PHASES, flat, jaccard, rank_agreement
 from bayestune.errors import MissingFileError
 from bayestune.masks import masks_from_scores
+from bayestune.reports.tables import write_table_csv
 
 BUDGETS = (0.001, 0.005, 0.02)
 # The sampler's log line after a validation (sampler._log_line); the only reader of job logs.
 _VALIDATION = re.compile(r"stage 1 step (\d+)(?:/\d+)? \([\w-]+\): .*?, validation "
                          r"(-?[\d.]+(?:e-?\d+)?)(?: \(best\))?, (\d+) without improvement")
+
+_SCALE_FILE = re.compile(r"seed(\d+)\.safetensors")
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,9 @@ def find_chains(runs: Iterable[str | Path], task: str) -> list[Chain]:
     chains = []
     for run in map(Path, runs):
         for path in sorted(run.glob(f"scales/*/{task}/seed*.safetensors")):
-            chains.append(Chain(run, path.parent.parent.name, task,
-                                int(path.stem.removeprefix("seed"))))
+            seed = _SCALE_FILE.fullmatch(path.name)
+            if seed:  # not the traces file beside it
+                chains.append(Chain(run, path.parent.parent.name, task, int(seed[1])))
     if not chains:
         raise MissingFileError(f"no scale file of task {task!r} under "
                                f"{', '.join(map(str, runs))}/scales/<preset>/{task}/; run "
@@ -281,10 +285,7 @@ def compare_chains(runs: Sequence[str | Path], task: str, out_dir: str | Path,
     written = []
 
     def save(name: str, rows: list[dict[str, Any]]) -> None:
-        path = out / name
-        with files.atomic_output(path) as tmp:
-            pd.DataFrame(rows).to_csv(tmp, index=False)
-        written.append(path)
+        written.append(write_table_csv(pd.DataFrame(rows), out / name))
 
     save("chains.csv", [chain_row(c) for c in chains])
     save("agreement.csv", agreement_rows(chains, means, budgets,

@@ -13,6 +13,7 @@ COMMANDS = {
     "cut-vocabulary": "bayestune.commands.cut_vocabulary",
     "sample": "bayestune.commands.sample",
     "diagnose": "bayestune.commands.diagnose",
+    "compare-chains": "bayestune.commands.compare_chains",
     "mask": "bayestune.commands.mask",
     "finetune": "bayestune.commands.finetune",
     "apply-delta": "bayestune.commands.apply_delta",
