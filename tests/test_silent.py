@@ -276,11 +276,14 @@ except KeyboardInterrupt:
 """
 
 
-def test_a_job_stops_when_the_process_that_started_it_is_gone():
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_a_job_stops_when_the_process_that_started_it_is_gone(sigint):
+    # "ignored": what a job inherits when a shell starts it in the background (cmd &)
     parent = subprocess.Popen(["sleep", "60"])
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), liveness.WATCH_ENV: str(parent.pid)}
     job = subprocess.Popen([sys.executable, "-c", WATCHED], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     try:
         assert job.stdout.readline().strip() == "running"
         time.sleep(0.3)

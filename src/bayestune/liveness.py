@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -111,6 +112,11 @@ def watch_parent(environ: dict[str, str] | None = None) -> int | None:
     if pid == os.getpid():
         return None
     started = _start_time(pid)
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL)):
+        # A job started in the background by a shell inherits SIGINT ignored, and
+        # interrupt_main() then does nothing; the watch needs Python's own handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         while started is not None and _start_time(pid) == started:
