@@ -36,6 +36,11 @@ from bayestune import files
 from bayestune.diagnostics import PHASES, flat, jaccard, rank_agreement
 from bayestune.errors import MissingFileError
 from bayestune.masks import masks_from_scores
+from bayestune.reports.figures import (
+    parameter_location,
+    plot_mask_composition,
+    plot_stage1_validation,
+)
 from bayestune.reports.tables import write_table_csv
 
 BUDGETS = (0.001, 0.005, 0.02)
@@ -94,11 +99,9 @@ def validation_curve(chain: Chain) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "val_score", "since_best"])
 
 
-def chain_row(chain: Chain) -> dict[str, Any]:
-    """One row of ``chains.csv``."""
-    _, meta = files.load_scales(chain.scale_path)
+def chain_row(chain: Chain, meta: Mapping[str, Any], curve: pd.DataFrame) -> dict[str, Any]:
+    """One row of ``chains.csv``, from the chain's scale-file metadata and validation curve."""
     summary = files.load_diagnostics(files.diagnostics_paths(chain.scale_path)[0])
-    curve = validation_curve(chain)
     patience, min_steps = int(meta.get("patience", 0)), int(meta.get("min_steps", 0))
     since_best = int(curve.since_best.iloc[-1]) if len(curve) else None
     row: dict[str, Any] = {
@@ -127,26 +130,22 @@ def chain_row(chain: Chain) -> dict[str, Any]:
     return row
 
 
-def _posterior_means(chains: Sequence[Chain]) -> dict[Chain, dict[str, torch.Tensor]]:
-    return {chain: files.load_scales(chain.scale_path)[0] for chain in chains}
-
-
-def _flat_masks(scales: Mapping[str, torch.Tensor], budgets: Sequence[float]
-                ) -> dict[float, torch.Tensor]:
-    names = sorted(scales)
-    return {b: torch.cat([m[n].reshape(-1) for n in names])
-            for b, m in masks_from_scores(scales, budgets).items()}
+def _flat(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[n].reshape(-1) for n in sorted(tensors)])
 
 
 def _indices(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().reshape(-1)
 
 
+ChainMasks = Mapping[Chain, Mapping[float, Mapping[str, torch.Tensor]]]
+
+
 def agreement_rows(chains: Sequence[Chain], means: Mapping[Chain, Mapping[str, torch.Tensor]],
-                   budgets: Sequence[float], other_masks: Mapping[tuple[str, int], Path]
+                   chain_masks: ChainMasks, other_masks: Mapping[tuple[str, int], Path]
                    ) -> list[dict[str, Any]]:
     """Rows of ``agreement.csv`` (see the module's docstring)."""
-    masks = {c: _flat_masks(means[c], budgets) for c in chains}
+    masks = {c: {b: _flat(m) for b, m in chain_masks[c].items()} for c in chains}
     names = {c: sorted(means[c]) for c in chains}
     rows = []
     for a, b in itertools.combinations(chains, 2):
@@ -156,7 +155,7 @@ def agreement_rows(chains: Sequence[Chain], means: Mapping[Chain, Mapping[str, t
                               "b": flat(means[b], names[b])})["pairs"]["a~b"]["spearman"]
         rows.append({"a": a.label, "b": b.label, "measure": "spearman", "budget": math.nan,
                      "value": rho})
-        for budget in budgets:
+        for budget in masks[a]:
             rows.append({"a": a.label, "b": b.label, "measure": "jaccard", "budget": budget,
                          "value": jaccard(_indices(masks[a][budget]),
                                           _indices(masks[b][budget]))})
@@ -168,7 +167,7 @@ def agreement_rows(chains: Sequence[Chain], means: Mapping[Chain, Mapping[str, t
             budget = float(meta["budget"])
             if budget not in masks[chain]:
                 continue
-            theirs = torch.cat([other[n].reshape(-1) for n in names[chain]])
+            theirs = _flat({n: other[n] for n in names[chain]})
             rows.append({"a": chain.label, "b": f"{method} seed {seed}", "measure": "jaccard",
                          "budget": budget,
                          "value": jaccard(_indices(masks[chain][budget]), _indices(theirs))})
@@ -188,16 +187,14 @@ def _group(module: str, name: str) -> str:
 
 
 def composition_rows(chains: Sequence[Chain], means: Mapping[Chain, Mapping[str, torch.Tensor]],
-                     budgets: Sequence[float]) -> list[dict[str, Any]]:
+                     chain_masks: ChainMasks) -> list[dict[str, Any]]:
     """Rows of ``composition.csv``: per chain, budget and group (module type, embedding kind,
     biases across modules, each layer), the selected scalars and the group's size."""
-    from bayestune.reports import parameter_location  # the figures' grouping, one definition
-
     rows = []
     for chain in chains:
         shapes = {n: t.numel() for n, t in means[chain].items()}
         total = sum(shapes.values())
-        for budget, mask in masks_from_scores(means[chain], budgets).items():
+        for budget, mask in chain_masks[chain].items():
             selected_total = sum(int(m.sum()) for m in mask.values())
             groups: dict[tuple[str, str], list[int]] = {}
             for name, m in mask.items():
@@ -215,51 +212,6 @@ def composition_rows(chains: Sequence[Chain], means: Mapping[Chain, Mapping[str,
                              "scalars": size, "share_of_mask": selected / selected_total,
                              "share_of_scalars": size / total})
     return rows
-
-
-def plot_composition(table: pd.DataFrame, path: Path, budget: float) -> Path:
-    """Share of the mask in each module group, per chain, with each group's share of D."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    data = table[(table.by == "module") & (table.budget == budget)]
-    sizes = data.drop_duplicates("group").set_index("group").share_of_scalars
-    shown = pd.concat([data[["chain", "group", "share_of_mask"]],
-                       pd.DataFrame({"chain": "share of all scalars", "group": sizes.index,
-                                     "share_of_mask": sizes.values})])
-    order = sizes.sort_values(ascending=False).index.tolist()
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    sns.barplot(data=shown, x="group", y="share_of_mask", hue="chain", order=order, ax=ax)
-    ax.set_ylabel(f"share of the {budget:g} mask")
-    ax.tick_params(axis="x", rotation=40)
-    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title=None)
-    with files.atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_validation(curves: Mapping[str, pd.DataFrame], path: Path) -> Path:
-    """Each chain's length-rule validation score along its run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    for label, curve in curves.items():
-        if len(curve):
-            ax.plot(curve.step, curve.val_score, marker=".", label=label)
-    ax.set_xlabel("stage-1 step")
-    ax.set_ylabel("validation score")
-    ax.legend(loc="best", fontsize="small")
-    with files.atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def other_method_masks(runs: Iterable[str | Path], task: str,
@@ -281,20 +233,23 @@ def compare_chains(runs: Sequence[str | Path], task: str, out_dir: str | Path,
     """Write the comparison of every chain of ``task`` in ``runs`` to ``out_dir``."""
     out = Path(out_dir)
     chains = find_chains(runs, task)
-    means = _posterior_means(chains)
+    loaded = {chain: files.load_scales(chain.scale_path) for chain in chains}
+    means = {chain: scales for chain, (scales, _) in loaded.items()}
+    chain_masks = {chain: masks_from_scores(means[chain], budgets) for chain in chains}
+    curves = {chain: validation_curve(chain) for chain in chains}
     written = []
 
     def save(name: str, rows: list[dict[str, Any]]) -> None:
         written.append(write_table_csv(pd.DataFrame(rows), out / name))
 
-    save("chains.csv", [chain_row(c) for c in chains])
-    save("agreement.csv", agreement_rows(chains, means, budgets,
+    save("chains.csv", [chain_row(c, loaded[c][1], curves[c]) for c in chains])
+    save("agreement.csv", agreement_rows(chains, means, chain_masks,
                                          other_method_masks(runs, task)))
-    composition = composition_rows(chains, means, budgets)
+    composition = composition_rows(chains, means, chain_masks)
     save("composition.csv", composition)
     main = 0.005 if 0.005 in budgets else budgets[0]
-    written.append(plot_composition(pd.DataFrame(composition), out / "mask_composition.png",
-                                    main))
-    written.append(plot_validation({c.label: validation_curve(c) for c in chains},
-                                   out / "stage1_validation.png"))
+    written.append(plot_mask_composition(pd.DataFrame(composition),
+                                         out / "mask_composition.png", main))
+    written.append(plot_stage1_validation({c.label: curves[c] for c in chains},
+                                          out / "stage1_validation.png"))
     return written

@@ -255,6 +255,35 @@ def plot_seed_agreement(table: pd.DataFrame, path: PathLike, title: str = "") ->
 
 
 # --- validation curves, paired differences ---------------------------------------------------
+def plot_mask_composition(table: pd.DataFrame, path: PathLike, budget: float) -> Path:
+    """Share of the mask in each module group, per chain (``bayestune compare-chains``'s
+    composition table), with each group's share of all scalars beside it."""
+    data = table[(table.by == "module") & (table.budget == budget)]
+    sizes = data.drop_duplicates("group").set_index("group").share_of_scalars
+    shown = pd.concat([data[["chain", "group", "share_of_mask"]],
+                       pd.DataFrame({"chain": "share of all scalars", "group": sizes.index,
+                                     "share_of_mask": sizes.values})])
+    order = sizes.sort_values(ascending=False).index.tolist()
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    sns.barplot(data=shown, x="group", y="share_of_mask", hue="chain", order=order, ax=ax)
+    ax.set_ylabel(f"share of the {budget:g} mask")
+    ax.tick_params(axis="x", rotation=40)
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title=None)
+    return _save(fig, path)
+
+
+def plot_stage1_validation(curves: Mapping[str, pd.DataFrame], path: PathLike) -> Path:
+    """Each chain's length-rule validation score along its run."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for label, curve in curves.items():
+        if len(curve):
+            ax.plot(curve.step, curve.val_score, marker=".", label=label)
+    ax.set_xlabel("stage-1 step")
+    ax.set_ylabel("validation score")
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
 def collect_histories(paths: Iterable[PathLike]) -> pd.DataFrame:
     """One row per evaluation of every run that recorded its validation curve: method, budget
     (label), task, seed, step, train_loss, val_score (x100), still_improving (of the run).
