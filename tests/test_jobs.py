@@ -4,6 +4,7 @@ list; the GPU evidence's smoke path end to end (`make gpu-evidence SMOKE=1`) on 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -97,6 +98,20 @@ def test_a_second_run_resumes_and_a_failure_blocks_only_what_needs_it(tmp_path, 
     assert {o.job.id: o.status for o in run(tmp_path, jobs)}["after_a"] == "done"
 
 
+def test_the_time_limit_stops_the_run_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jobs = [toy("a", outputs=["a.out"]), toy("b", inputs=["a.out"], outputs=["b.out"]),
+            toy("c", outputs=["c.out"])]
+    outcomes = run(tmp_path, jobs, slots=1, time_limit=0.1)  # each toy job takes 0.3 s
+    assert {o.job.id: o.status for o in outcomes} == {
+        "a": "stopped", "b": "unstarted", "c": "unstarted"}
+    assert not (tmp_path / "a.out").exists() and events(tmp_path) == [("a", "start")]
+    with pytest.raises(RunFailedError, match=r"time limit .* 3 job\(s\) unfinished"):
+        check_outcomes(outcomes)
+    again = run(tmp_path, jobs, slots=1)
+    assert {o.job.id: o.status for o in again} == dict.fromkeys("abc", "done")
+
+
 def test_a_cycle_is_refused():
     with pytest.raises(ConfigError, match="dependency cycle"):
         order([toy("a", inputs=["b.out"], outputs=["a.out"]),
@@ -116,7 +131,8 @@ def test_gpu_evidence_smoke_runs_the_device_path_on_the_cpu(tmp_path, tmp_path_f
                                                               glue_dir):
     copy = tmp_path / "repo"
     copy.mkdir()
-    for name in ("Makefile", "Snakefile", "workflow", "config", "src", "profiles", "dvc.yaml"):
+    for name in ("Makefile", "Snakefile", "workflow", "config", "src", "profiles", "dvc.yaml",
+                 "scripts"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -143,13 +159,18 @@ def test_gpu_evidence_smoke_runs_the_device_path_on_the_cpu(tmp_path, tmp_path_f
         "*.log")) if result.returncode else ""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
     evidence = copy / "results/gpu_smoke/evidence"
-    assert (evidence / "device.txt").read_text().strip() == "cpu"
+    assert (evidence / "device.txt").read_text().startswith("cpu ")
     times = pd.read_csv(evidence / "run_jobs.csv")
     assert set(times.status) == {"done"} and {"sample", "finetune", "report"} <= set(times.rule)
     assert "s per step" in result.stdout and "at most 2 at once" in result.stdout
     selection = pd.read_csv(evidence / "glue_selection.csv")
     assert set(selection[selection.method == "bayestune"].preset) == {"reference", "cold"}
     assert (evidence / "figures/cb/val_curves.png").stat().st_size > 1000
+    chains = pd.read_csv(evidence / "chains/cb/chains.csv")  # what each chain ranks by
+    assert set(chains.preset) == {"reference", "cold"}
+    assert (evidence / "chains/cb/reference_seed0.log").exists()
+    bench = json.loads((evidence / "bench.json").read_text())  # the carried folder, benched
+    assert bench["device"] == "cpu" and bench["stage1_step_seconds"] > 0
     # the same command again: everything is done, nothing reruns
     again = subprocess.run([*make, "gpu-evidence", "SMOKE=1"], cwd=copy,
                            env={**env, "PYTHONPATH": str(blocker)}, capture_output=True,

@@ -88,11 +88,29 @@ def test_clamped_floor_gradient_is_the_formula_at_the_floor():
         LaplaceGammaPrior(floor_gradient="autograd")
 
 
+def test_lambda_alone_can_take_its_own_n():
+    """lambda_temperature divides lambda's gradient only; theta's keeps temperature."""
+    theta, theta0, lam = _case((40,), seed=5)
+    paper = LaplaceGammaPrior(temperature=1e12, floor=FLOOR, floor_gradient="clamped")
+    true_n = LaplaceGammaPrior(temperature=1e12, floor=FLOOR, floor_gradient="clamped",
+                               lambda_temperature=8551.0)
+    assert paper.n_lambda == 1e12 and true_n.n_lambda == 8551.0
+    torch.testing.assert_close(true_n.grad_theta(theta, theta0, lam),
+                               paper.grad_theta(theta, theta0, lam), rtol=0, atol=0)
+    torch.testing.assert_close(true_n.grad_lambda(theta, theta0, lam),
+                               paper.grad_lambda(theta, theta0, lam) * (1e12 / 8551.0),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="n_lambda"):
+        LaplaceGammaPrior(lambda_temperature=0.0)
+
+
+@pytest.mark.parametrize("lambda_temperature", [None, 37.0])
 @pytest.mark.parametrize("floor_gradient", ["zero", "clamped"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_matches_per_tensor(dtype, floor_gradient):
+def test_fused_matches_per_tensor(dtype, floor_gradient, lambda_temperature):
     prior = LaplaceGammaPrior(alpha=0.01, beta=100.0, temperature=1e4, floor=FLOOR,
-                              floor_gradient=floor_gradient)
+                              floor_gradient=floor_gradient,
+                              lambda_temperature=lambda_temperature)
     cases = [_case(shape, seed=i, dtype=dtype) for i, shape in enumerate(SHAPES)]
     start = [torch.randn_like(c[0]) for c in cases]   # data gradients already there
     theta_grads = [s.clone() for s in start]

@@ -559,6 +559,31 @@ def test_defaults_are_the_exact_preset_and_reference_is_the_authors_command():
     assert (cold.noise_discount, cold.lr_lambda) == (0.0, 1e-4) and cold.fused_step
 
 
+def test_reference_true_n_changes_only_lambdas_n():
+    ref, true_n = sampler_config("reference"), sampler_config("reference-true-n")
+    differing = {f.name for f in dataclasses.fields(SamplerConfig)
+                 if getattr(ref, f.name) != getattr(true_n, f.name)}
+    assert differing == {"preset", "lambda_temperature"}
+    assert (ref.lambda_n(8551), true_n.lambda_n(8551)) == (1e12, 8551.0)
+    assert sampler_config(lambda_temperature="250").lambda_n() == 250.0
+    with pytest.raises(SamplerConfigError, match="needs the number of training examples"):
+        true_n.prior()
+    with pytest.raises(SamplerConfigError, match="lambda_temperature='many'"):
+        sampler_config(lambda_temperature="many")
+    # the sampler's lambda noise follows lambda's N, theta's keeps temperature (1e4)
+    config = small_config(lambda_temperature="train-size")
+    sampler = Sampler(tiny_net(), ce_loss, config, seed=0, device=torch.device("cpu"),
+                      train_size=40)
+    assert sampler.prior.n_lambda == 40.0
+    assert sampler.noise_lam == pytest.approx((2.0 / (40 * 1e-3)) ** 0.5)
+    assert sampler.noise_theta == pytest.approx((2.0 / (1e4 * 1e-2)) ** 0.5)
+    # a whole run: the samples stay finite and differ from the same chain at N = 1e4 (Adam
+    # normalises the step, so lambda's N changes its gradient-to-noise ratio, not its size)
+    same = torch.cat([v.flatten() for v in run(small_config()).mean.values()])
+    moved = torch.cat([v.flatten() for v in run(config, train_size=40).mean.values()])
+    assert torch.isfinite(moved).all() and not torch.equal(moved, same)
+
+
 def test_explicit_settings_override_the_preset_and_the_file_records_both(tmp_path):
     config = sampler_config("cold", lr_lambda=1e-3, steps=40, warmup_steps=8, burnin_steps=20,
                             thinning=4)

@@ -56,8 +56,8 @@ def build_bench_model(name: str):
 
     from bayestune.models.text import build_text_model, build_text_model_from_config
 
-    if name == "minilm":
-        return build_text_model("minilm", "classification", 2, seed=0)
+    if name == "minilm" or Path(name).is_dir():  # a folder: MiniLM carried where pip can't
+        return build_text_model(name, "classification", 2, seed=0)
     if name == "roberta-base-random":  # RoBERTa-base's dimensions, no download needed
         config = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
                                num_attention_heads=12, intermediate_size=3072,
@@ -285,8 +285,9 @@ def run_bench(out: Path, model: str = "minilm", steps: int = 12, warmup: int = 3
     """
     from bayestune import files
 
-    if model not in MODELS:
-        raise ConfigError(f"unknown bench model {model!r}; choose one of {', '.join(MODELS)}")
+    if model not in MODELS and not Path(model).is_dir():
+        raise ConfigError(f"unknown bench model {model!r}; choose one of {', '.join(MODELS)} "
+                          "or a model folder (e.g. .carry/minilm, `make gpu-carry`)")
     if steps < 1 or warmup < 0:
         raise ConfigError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
     common = {"model": model, "device": device, "seq_len": seq_len}

@@ -166,7 +166,9 @@ def _steps(parser, job: Job) -> int:
 @dataclass
 class Outcome:
     job: Job
-    status: str  # done, skipped (done before), failed, blocked (a job it needs failed)
+    # done, skipped (done before), failed, blocked (a job it needs failed); past the time
+    # limit: stopped (was running) or unstarted
+    status: str
     seconds: float = 0.0
     started: float = 0.0
     running_at_start: int = 0
@@ -218,8 +220,12 @@ def _start(job: Job, env: Mapping[str, str], command: Callable[[Job], list[str]]
 
 def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, str] | None = None,
              command: Callable[[Job], list[str]] = bayestune_command,
-             echo: Callable[[str], None] = print) -> list[Outcome]:
-    """Run ``jobs`` (dependency order), at most ``slots`` at once; returns every outcome."""
+             echo: Callable[[str], None] = print,
+             time_limit: float | None = None) -> list[Outcome]:
+    """Run ``jobs`` (dependency order), at most ``slots`` at once; returns every outcome.
+
+    After ``time_limit`` seconds the running jobs are stopped and no other starts, so that a
+    machine lent for a fixed time still returns the times of what finished."""
     if slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {slots})")
     env = dict(os.environ if env is None else env)
@@ -235,7 +241,11 @@ def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, 
     rank = priorities(jobs, deps)
     waiting = sorted((j for j in jobs if j.id not in outcomes), key=lambda j: rank[j.id],
                      reverse=True)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     while waiting or running:
+        if deadline is not None and time.monotonic() >= deadline:
+            _stop(running, waiting, outcomes, echo)
+            break
         for job_id, (process, outcome) in list(running.items()):
             if process.poll() is None:
                 continue
@@ -266,6 +276,23 @@ def run_jobs(jobs: Sequence[Job], slots: int, state: Path, *, env: Mapping[str, 
     return [outcomes[j.id] for j in jobs]
 
 
+def _stop(running: dict, waiting: list[Job], outcomes: dict[str, Outcome],
+          echo: Callable[[str], None]) -> None:
+    for process, _ in running.values():
+        process.terminate()
+    for job_id, (process, outcome) in running.items():
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        outcome.seconds = time.monotonic() - outcome.started
+        outcome.status = "stopped"
+        echo(f"stopped {job_id} after {outcome.seconds:.1f} s: time limit")
+    for job in waiting:
+        outcomes[job.id] = Outcome(job, "unstarted")
+    echo(f"time limit: {len(running)} job(s) stopped, {len(waiting)} not started")
+
+
 def summary_rows(outcomes: Sequence[Outcome]) -> list[dict]:
     """One row per job: rule, status, seconds, jobs running when it started, steps and
     seconds per step (wall time over the optimiser steps it runs, start-up included)."""
@@ -278,8 +305,8 @@ def summary_rows(outcomes: Sequence[Outcome]) -> list[dict]:
         rows.append({"id": o.job.id, "rule": o.job.rule, "status": o.status,
                      "seconds": round(o.seconds, 2), "running_at_start": o.running_at_start,
                      "steps": steps,
-                     "seconds_per_step": round(o.seconds / steps, 4) if steps and o.seconds
-                     else None})
+                     "seconds_per_step": round(o.seconds / steps, 4)
+                     if steps and o.seconds and o.status == "done" else None})
     return rows
 
 
@@ -291,4 +318,9 @@ def check_outcomes(outcomes: Sequence[Outcome]) -> None:
         raise RunFailedError(f"{len(failed)} job(s) failed and {blocked} could not start; read "
                              f"{logs}; fix and run the same command again (finished jobs are "
                              "kept)")
+    unfinished = sum(o.status in ("stopped", "unstarted") for o in outcomes)
+    if unfinished:
+        raise RunFailedError(f"the time limit stopped the run with {unfinished} job(s) "
+                             "unfinished; run the same command again to go on (finished jobs "
+                             "are kept)")
 

@@ -41,14 +41,22 @@ class LaplaceGammaPrior:
     temperature: float = 1e12  # N: the prior is divided by it
     floor: float = 1e-8        # lambda is used as max(lambda, floor)
     floor_gradient: str = "zero"  # dU/dlambda at or below the floor: "zero" or "clamped"
+    # N of lambda's gradient alone (None: temperature). Another value splits U in two, one per
+    # variable: theta's prior term keeps N, lambda's takes this one (no single U then).
+    lambda_temperature: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "temperature", "floor"):
+        for name in ("alpha", "beta", "temperature", "floor", "n_lambda"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"prior {name} must be > 0, got {getattr(self, name)}")
         if self.floor_gradient not in FLOOR_GRADIENTS:
             raise ConfigError(f"prior floor_gradient {self.floor_gradient!r} is not one of "
                               f"{', '.join(FLOOR_GRADIENTS)}")
+
+    @property
+    def n_lambda(self) -> float:
+        """The N dividing lambda's prior gradient (and setting its noise in the sampler)."""
+        return self.temperature if self.lambda_temperature is None else self.lambda_temperature
 
     def scale(self, lam: Tensor) -> Tensor:
         """The value of lambda actually used: max(lambda, floor)."""
@@ -74,7 +82,7 @@ class LaplaceGammaPrior:
         above = lam > self.floor
         lam = self.scale(lam)
         dist = (theta - theta0).abs()
-        grad = ((2.0 - self.alpha) / lam - dist / lam.square() + self.beta) / self.temperature
+        grad = ((2.0 - self.alpha) / lam - dist / lam.square() + self.beta) / self.n_lambda
         return grad if self.floor_gradient == "clamped" else grad * above
 
     # --- fused: lists of tensors, one multi-tensor op per pass -------------------------------
@@ -115,9 +123,9 @@ class LaplaceGammaPrior:
             torch._foreach_add_(diff, lams, alpha=-self.beta)
         torch._foreach_add_(diff, -(2.0 - self.alpha))
         torch._foreach_mul_(diff, inv)
-        torch._foreach_mul_(diff, -1.0 / n)
+        torch._foreach_mul_(diff, -1.0 / self.n_lambda)
         if self.floor_gradient == "clamped":
-            torch._foreach_add_(diff, self.beta / n)
+            torch._foreach_add_(diff, self.beta / self.n_lambda)
         return diff
 
 

@@ -146,7 +146,8 @@ def _mask(job: SweepJob, config: Mapping[str, Any], model, data, device: str, sp
                                resolve_device(device)) if sampler.patience > 0 else None)
         result = sample_scales(copy.deepcopy(model), loaded.train_epoch, task_loss, sampler,
                                seed=job.seed, device=device, progress=False,
-                               steps_per_epoch=len(loaded.train), validate=validate)
+                               steps_per_epoch=len(loaded.train), validate=validate,
+                               train_size=len(loaded.train.dataset))
         scores, n_samples = result.mean, result.n_samples
     section = {**resolve(config, "mask", method=job.method), **job.mask}
     budget = float(config["main_budget"])

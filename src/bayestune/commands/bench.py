@@ -14,7 +14,8 @@ HELP = "step time and memory against plain AdamW"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/bench/bench.json"))
-    parser.add_argument("--model", default="minilm", help="minilm or roberta-base-random")
+    parser.add_argument("--model", default="minilm",
+                        help="minilm, roberta-base-random or a model folder (e.g. .carry/minilm)")
     parser.add_argument("--steps", type=positive_int, default=12)
     parser.add_argument("--device", default="auto")
 

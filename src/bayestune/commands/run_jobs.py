@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", type=Path, default=None,
                         help="CSV of every job's wall time and seconds per step (default: in "
                              "--state)")
+    parser.add_argument("--time-limit", type=positive_int, default=None, metavar="SECONDS",
+                        help="stop the running jobs and start no more after this many seconds "
+                             "(the summary is still written; the same command goes on later)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +38,7 @@ class Settings:
     slots: int
     state: Path | None
     summary: Path | None
+    time_limit: int | None
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -49,7 +53,7 @@ def run(settings: Settings) -> None:
     listed = jobs.read_job_list(settings.jobs)
     state = settings.state or Path(jobs.STATE_FOLDER) / settings.jobs.stem
     started = time.monotonic()
-    outcomes = jobs.run_jobs(listed, settings.slots, state)
+    outcomes = jobs.run_jobs(listed, settings.slots, state, time_limit=settings.time_limit)
     rows = pd.DataFrame(jobs.summary_rows(outcomes))
     summary = settings.summary or state / "jobs.csv"
     with files.atomic_output(summary) as tmp:

@@ -95,7 +95,8 @@ def run(settings: Settings) -> None:
                                device=settings.device, checkpoint_path=checkpoint,
                                progress=not settings.quiet, steps_per_epoch=len(data.train),
                                validate=validate, log_every=settings.log_every,
-                               chain_monitor=monitor, inputs=inputs)
+                               chain_monitor=monitor, inputs=inputs,
+                               train_size=len(data.train.dataset))
         accepted = _check_scales(settings, result.mean, largest_weight)
         made_by = stage_provenance(settings, {"sampler": config,
                                               "batch_size": settings.batch_size})

@@ -75,7 +75,8 @@ class Sampler(SamplerCheckpoint):
                  config: SamplerConfig, seed: int, device: torch.device, *,
                  scratch_dir: Path | None = None, steps_per_epoch: int | None = None,
                  noise_fn: NoiseFn | None = None,
-                 inputs: Mapping[str, Any] | None = None) -> None:
+                 inputs: Mapping[str, Any] | None = None,
+                 train_size: int | None = None) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to sample")
@@ -101,7 +102,7 @@ class Sampler(SamplerCheckpoint):
         on_cpu = device.type == "cpu"
         self.layout = FlatLayout(self.params, max_piece=CPU_PIECE if on_cpu else None)
         self.sizes = self.layout.sizes
-        self.prior = config.prior()
+        self.prior = config.prior(train_size)  # train_size: lambda_temperature=train-size
         self.theta0_flat = self.layout.flatten(self.params)
         self.lam_flat = torch.full_like(self.theta0_flat, config.lambda_init)
         self.lams = self.layout.views(self.lam_flat)  # per parameter, for names in errors
@@ -127,7 +128,7 @@ class Sampler(SamplerCheckpoint):
         self.noise_fn = noise_fn or self._standard_normal
         c = config.noise_discount
         self.noise_theta = c * math.sqrt(2.0 / (config.temperature * config.lr_theta))
-        self.noise_lam = c * math.sqrt(2.0 / (config.temperature * config.lr_lambda))
+        self.noise_lam = c * math.sqrt(2.0 / (self.prior.n_lambda * config.lr_lambda))
         self.block_noise = (BlockNoise(self.noise, [sum(self.layout.piece_sizes[b])
                                                     for b in self.blocks],
                                        theta=self.noise_theta > 0, lam=self.noise_lam > 0,

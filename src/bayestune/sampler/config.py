@@ -37,6 +37,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grad_clip": 1.0,
     },
 }
+# The authors' chain with lambda's prior gradient and noise at the true N (the training split's
+# size) while theta keeps N = 1e12: lambda then samples its conditional posterior at the scale
+# the model states, instead of a noise 1e6 times its gradient (docs/ALGORITHM.md).
+PRESETS["reference-true-n"] = {**PRESETS["reference"], "lambda_temperature": "train-size"}
+# The same, and lambda's other two departures from its own scale undone: the exact gradient at
+# the floor (the authors' clamped formula kicks a lambda that reaches the floor by |d|/floor^2,
+# and the kick's Adam moment freezes it near 0.07) and Adam's rate at lambda's size (its start
+# and prior mean are 1e-4; the authors' 1e-2 moves it 100 times that per step).
+PRESETS["reference-lambda-scaled"] = {**PRESETS["reference-true-n"], "floor_gradient": "zero",
+                                      "lr_lambda": 1e-4}
+LAMBDA_TEMPERATURES = ("same", "train-size")
 
 
 class SamplerConfigError(ConfigError):
@@ -89,6 +100,10 @@ class SamplerConfig:
         **_choices(*SAMPLE_RULES)})
     temperature: float = field(default=1e12, metadata={
         "help": "N: effective data size dividing the prior and setting the noise scale"})
+    lambda_temperature: str = field(default="same", metadata={
+        "help": "N in lambda's prior gradient and noise alone: same (temperature, as the paper "
+                "and its code), train-size (the number of training examples, the true N; "
+                "theta keeps temperature) or a number"})
     alpha: float = field(default=0.01, metadata={"help": "Gamma shape of the prior on lambda"})
     beta: float = field(default=100.0, metadata={"help": "Gamma rate of the prior on lambda"})
     lambda_init: float = field(default=1e-4, metadata={"help": "initial value of every lambda"})
@@ -181,6 +196,9 @@ class SamplerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name}={value} must be a finite number >= 0")
+        if not self._lambda_temperature_ok():
+            problems.append(f"lambda_temperature={self.lambda_temperature!r} must be same, "
+                            "train-size or a finite number > 0")
         if not 0 <= self.schedule_warmup < 1:
             problems.append(f"schedule_warmup={self.schedule_warmup} must be in [0, 1)")
         if self.checkpoint_every < 0:
@@ -239,10 +257,33 @@ class SamplerConfig:
         return (self.variant in ("adamw", "sgld") and self.schedule == "constant"
                 and self.sample_rule == "after-update" and self.no_grad_params == "prior")
 
-    def prior(self) -> LaplaceGammaPrior:
+    def _lambda_temperature_ok(self) -> bool:
+        if str(self.lambda_temperature) in LAMBDA_TEMPERATURES:
+            return True
+        try:
+            value = float(self.lambda_temperature)
+        except ValueError:
+            return False
+        return math.isfinite(value) and value > 0
+
+    def lambda_n(self, train_size: int | None = None) -> float:
+        """The N of lambda's prior gradient and noise (``lambda_temperature`` resolved)."""
+        chosen = str(self.lambda_temperature)
+        if chosen == "same":
+            return self.temperature
+        if chosen == "train-size":
+            if not train_size:
+                raise SamplerConfigError("lambda_temperature=train-size needs the number of "
+                                         "training examples (train_size); pass it to the "
+                                         "sampler or give lambda_temperature as a number")
+            return float(train_size)
+        return float(chosen)
+
+    def prior(self, train_size: int | None = None) -> LaplaceGammaPrior:
         return LaplaceGammaPrior(alpha=self.alpha, beta=self.beta,
                                  temperature=self.temperature, floor=self.lambda_floor,
-                                 floor_gradient=self.floor_gradient)
+                                 floor_gradient=self.floor_gradient,
+                                 lambda_temperature=self.lambda_n(train_size))
 
 
 def sampler_config(preset: str = "exact", **settings: Any) -> SamplerConfig:

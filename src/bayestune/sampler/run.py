@@ -41,6 +41,7 @@ def sample_scales(
     log_every: int = 0,
     chain_monitor: ChainMonitor | None = None,
     inputs: Mapping[str, Any] | None = None,
+    train_size: int | None = None,
 ) -> ScaleResult:
     """Run stage 1 and return the posterior mean (and variance) of the scales lambda.
 
@@ -55,7 +56,8 @@ def sample_scales(
     logs a line every this many steps, after each validation and at the end (see
     :func:`_log_line`). ``chain_monitor`` watches every step
     (bayestune.diagnostics); it does not change the samples, and a checkpoint carries what it
-    saw so far. ``inputs``: see :class:`Sampler`.
+    saw so far. ``inputs``: see :class:`Sampler`. ``train_size``: the number of training
+    examples (needed by ``lambda_temperature=train-size``).
     """
     config.validate()
     if config.patience > 0 and validate is None:
@@ -66,7 +68,7 @@ def sample_scales(
     model.to(dev).train()
     scratch = Path(checkpoint_path).parent if checkpoint_path is not None else None
     sampler = Sampler(model, loss_fn, config, seed, dev, scratch_dir=scratch,
-                      steps_per_epoch=steps_per_epoch, inputs=inputs)
+                      steps_per_epoch=steps_per_epoch, inputs=inputs, train_size=train_size)
     if chain_monitor is not None:
         chain_monitor.attach(sampler)
         sampler.chain_monitor = chain_monitor
