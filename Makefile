@@ -86,8 +86,9 @@ cpu: install
 	$(BIN)/snakemake --cores all --configfile config/cpu.yaml $(GLUE_SOURCE)
 
 # Does BayesTune reproduce? The paper's stage 1 at its length on a 1-layer MiniLM (CoLA), then
-# stage 2 under the fair protocol (config/reproduce.yaml), the `cold` chain beside it
-# (config/reproduce_cold.yaml), and what the chains rank by (results/reproduce/analysis/).
+# stage 2 under the fair protocol (config/reproduce.yaml), the `cold` chain and the chain with
+# lambda on its own scale beside it (config/reproduce_cold.yaml, config/reproduce_lambda.yaml),
+# and what the chains rank by (results/reproduce/analysis/).
 # The two long chains first, one per core, so that no core idles at the end.
 reproduce: install
 	$(check_glue_source)
@@ -95,8 +96,9 @@ reproduce: install
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce.yaml $(GLUE_SOURCE) --until sample && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_cold.yaml $(GLUE_SOURCE) && \
-	$(BIN)/bayestune compare-chains results/reproduce results/reproduce_cold --task cola \
-		--out-dir results/reproduce/analysis && \
+	$(BIN)/snakemake --cores 2 --configfile config/reproduce_lambda.yaml $(GLUE_SOURCE) && \
+	$(BIN)/bayestune compare-chains results/reproduce results/reproduce_cold \
+		results/reproduce_lambda --task cola --out-dir results/reproduce/analysis && \
 	echo "make reproduce: $$(( $$(date +%s) - start )) s on $$(nproc) cores" \
 		| tee results/reproduce/wall_time.txt
 

@@ -117,6 +117,10 @@ def test_schema_sections_are_the_dataclass_fields():
         assert section["additionalProperties"] is False, name
     lora = schema["properties"]["lora"]["properties"]
     assert lora["preset"]["enum"] == list(LORA_PRESETS) and lora["init"]["enum"] == list(LORA_INITS)
+    from bayestune.sampler.config import PRESETS
+    assert schema["properties"]["sampler"]["properties"]["preset"]["enum"] == list(PRESETS)
+    grid = schema["properties"]["tuning"]["properties"]["grid"]["additionalProperties"]
+    assert set(grid["items"]["properties"]["preset"]["enum"]) == set(PRESETS)
 
 
 def test_paper_config_is_the_paper():
