@@ -88,7 +88,8 @@ cpu: install
 # Does BayesTune reproduce? The paper's stage 1 at its length on a 1-layer MiniLM (CoLA), then
 # stage 2 under the fair protocol (config/reproduce.yaml), the `cold` chain and the chain with
 # lambda on its own scale beside it (config/reproduce_cold.yaml, config/reproduce_lambda.yaml),
-# and what the chains rank by (results/reproduce/analysis/).
+# what the chains rank by (results/reproduce/analysis/) and every chain's stage 2 side by side
+# with paired differences (results/reproduce/all_chains/).
 # The two long chains first, one per core, so that no core idles at the end.
 reproduce: install
 	$(check_glue_source)
@@ -99,6 +100,9 @@ reproduce: install
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_lambda.yaml $(GLUE_SOURCE) && \
 	$(BIN)/bayestune compare-chains results/reproduce results/reproduce_cold \
 		results/reproduce_lambda --task cola --out-dir results/reproduce/analysis && \
+	$(BIN)/bayestune report --benchmark glue --label-presets --reference "bayestune (reference)" \
+		--metrics $$(find results/reproduce results/reproduce_cold results/reproduce_lambda \
+		-path '*/finetune/*' -name metrics.json | sort) --out-dir results/reproduce/all_chains && \
 	echo "make reproduce: $$(( $$(date +%s) - start )) s on $$(nproc) cores" \
 		| tee results/reproduce/wall_time.txt
 

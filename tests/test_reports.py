@@ -20,10 +20,10 @@ def _metrics(tmp: Path, method: str, budget, task: str, seed: int, score: float,
              model: str = "roberta-base", fraction: float = 0.005,
              curve: list[float] | None = None, stop_reason: str = "max_steps",
              published_as: str | None = None,
-             published_differs: list[str] | None = None) -> Path:
+             published_differs: list[str] | None = None, preset: str | None = None) -> Path:
     """A metrics.json; with ``curve`` (validation scores every 10 steps) also its history and
     stop reason, as `bayestune finetune` writes them; without, as files from before that."""
-    path = tmp / method / task / str(budget) / f"seed{seed}" / "metrics.json"
+    path = tmp / method / (preset or "") / task / str(budget) / f"seed{seed}" / "metrics.json"
     record = {
         "method": method, "budget": budget, "task": task, "seed": seed, "model": model,
         "metric": "accuracy", "test_score": score, "val_score": score + 0.01,
@@ -32,6 +32,8 @@ def _metrics(tmp: Path, method: str, budget, task: str, seed: int, score: float,
     }
     if published_differs is not None:
         record["published_differs"] = published_differs
+    if preset is not None:
+        record["chosen"] = {"preset": preset, "lr": 1e-3}
     if curve is not None:
         record["history"] = convergence.history_records(
             (10 * (i + 1), 1.0 / (i + 1), val) for i, val in enumerate(curve))
@@ -72,6 +74,27 @@ def test_collect_scores_rejects_bad_input(tmp_path):
     path = _metrics(tmp_path, "full", "full", "cb", 0, 0.5)
     with pytest.raises(ValueError, match="two runs of full"):
         reports.collect_scores([path, path])
+
+
+def test_runs_of_several_chains_are_named_by_preset(tmp_path):
+    """Two results folders' bayestune runs (one chain each) side by side, paired by seed."""
+    paths = []
+    for seed in range(3):
+        paths += [_metrics(tmp_path, "bayestune", 0.005, "cola", seed, 0.3 + seed / 100,
+                           preset="reference"),
+                  _metrics(tmp_path, "bayestune", 0.005, "cola", seed, 0.2, preset="cold"),
+                  _metrics(tmp_path, "full", "full", "cola", seed, 0.1, fraction=1.0)]
+    with pytest.raises(ValueError, match="two runs of bayestune"):
+        reports.collect_scores(paths)
+    scores = reports.collect_scores(paths, label_presets=True)
+    assert set(scores.method) == {"bayestune (reference)", "bayestune (cold)", "full"}
+    differences = reports.paired_table(scores, reference="bayestune (reference)")
+    by_method = differences.set_index("method")["mean_difference"]
+    assert by_method["bayestune (cold)"] == pytest.approx(100 * (0.1 + 0.01))
+    assert by_method["full"] == pytest.approx(100 * (0.2 + 0.01))
+    table = reports.make_table(scores, "glue")
+    assert list(table.method)[0] == "full" and set(table.method[1:]) == {
+        "bayestune (reference)", "bayestune (cold)"}
 
 
 def test_table_means_stds_and_average(tmp_path):

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tabulated")
     parser.add_argument("--main-budget", type=float, default=0.005,
                         help="budget of the reference when compared with full, lora and bitfit")
+    parser.add_argument("--label-presets", action="store_true",
+                        help="name each bayestune row by its stage-1 preset, e.g. 'bayestune "
+                             "(cold)', to set the runs of several chains side by side (then "
+                             "e.g. --reference 'bayestune (reference)')")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +36,7 @@ class Settings:
     model: str
     reference: str
     main_budget: float
+    label_presets: bool
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -41,7 +46,7 @@ def settings(args: argparse.Namespace) -> Settings:
 def run(settings: Settings) -> None:
     from bayestune.reports import provenance, tables
 
-    scores = tables.collect_scores(settings.metrics)
+    scores = tables.collect_scores(settings.metrics, label_presets=settings.label_presets)
     tables.write_tables(scores, settings.out_dir, settings.benchmark, settings.model,
                         reference=settings.reference,
                         main_budget=format(settings.main_budget, "g"))

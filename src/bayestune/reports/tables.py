@@ -66,8 +66,10 @@ def budget_label(budget: object, method: str = "") -> str:
         return FIXED_BUDGET
 
 
-def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
-    """One row per fine-tuning run (metrics.json): scores x100, the budget as a label."""
+def collect_scores(paths: Iterable[PathLike], label_presets: bool = False) -> pd.DataFrame:
+    """One row per fine-tuning run (metrics.json): scores x100, the budget as a label. With
+    ``label_presets`` a bayestune run is named by its stage-1 preset, e.g. ``bayestune (cold)``,
+    so that runs of several chains (several results folders) stand side by side."""
     rows = []
     for path in paths:
         record = files.read_json(path)
@@ -101,6 +103,9 @@ def collect_scores(paths: Iterable[PathLike]) -> pd.DataFrame:
     if not rows:
         raise ConfigError("no metrics.json files given; run the fine-tuning stage first")
     scores = pd.DataFrame(rows)
+    if label_presets:
+        chained = (scores["method"] == "bayestune") & (scores["chosen_preset"] != "")
+        scores.loc[chained, "method"] = "bayestune (" + scores.loc[chained, "chosen_preset"] + ")"
     dupes = scores.duplicated(["method", "budget", "task", "seed"])
     if dupes.any():
         first = scores[dupes].iloc[0]
@@ -137,7 +142,8 @@ def _row_order(table: pd.DataFrame) -> pd.DataFrame:
         if column.name == "budget":
             return column.map(lambda b: -1.0 if b == FIXED_BUDGET else float(b))
         rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-        return column.map(lambda m: rank.get(m, len(rank)))
+        # "bayestune (cold)" sorts with bayestune
+        return column.map(lambda m: rank.get(str(m).split(" (")[0], len(rank)))
 
     return table.sort_values(["budget", "method"], key=key, kind="stable").reset_index(drop=True)
 

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The authors' chain with lambda's prior gradient and noise at the true N (the training split's
 # size) while theta keeps N = 1e12: lambda then samples its conditional posterior at the scale
-# the model states, instead of a noise 1e6 times its gradient (docs/ALGORITHM.md).
+# the model states, instead of a noise about 1e5 times its gradient (docs/ALGORITHM.md).
 PRESETS["reference-true-n"] = {**PRESETS["reference"], "lambda_temperature": "train-size"}
 # The same, and lambda's other two departures from its own scale undone: the exact gradient at
 # the floor (the authors' clamped formula kicks a lambda that reaches the floor by |d|/floor^2,
