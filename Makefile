@@ -140,9 +140,9 @@ GPU_JOBS := results/gpu_smoke/jobs.json
 GPU_RESULTS := results/gpu_smoke
 EVIDENCE := results/gpu_smoke/evidence
 GPU_SLOTS := 2
-BENCH_DEVICE := cpu
+BENCH_MODEL :=
 else
-BENCH_DEVICE := cuda
+BENCH_MODEL := .carry/minilm
 GPU_CONFIG := config/gpu.yaml
 GPU_JOBS := config/gpu_jobs.json
 GPU_RESULTS := results/gpu
@@ -164,7 +164,7 @@ gpu-evidence: gpu-jobs
 endif
 gpu-evidence:
 	GPU_JOBS=$(GPU_JOBS) GPU_RESULTS=$(GPU_RESULTS) EVIDENCE=$(EVIDENCE) GPU_SLOTS=$(GPU_SLOTS) \
-		BENCH_DEVICE=$(BENCH_DEVICE) PY=$(PY) BAYESTUNE_GLUE_DIR=$${BAYESTUNE_GLUE_DIR:-$(abspath $(LOCAL_GLUE))} \
+		BENCH_MODEL=$(BENCH_MODEL) PY=$(PY) BAYESTUNE_GLUE_DIR=$${BAYESTUNE_GLUE_DIR:-$(abspath $(LOCAL_GLUE))} \
 		bash scripts/gpu_evidence.sh
 
 bench: install

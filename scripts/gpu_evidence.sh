@@ -15,8 +15,7 @@ RESULTS=${GPU_RESULTS:-results/gpu}
 EVIDENCE=${EVIDENCE:-docs/results/gpu}
 SLOTS=${GPU_SLOTS:-14}
 RUN_SECONDS=${RUN_SECONDS:-}           # empty: no limit
-BENCH_MODEL=${BENCH_MODEL:-.carry/minilm}  # empty: no bench
-BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+BENCH_MODEL=${BENCH_MODEL-.carry/minilm}  # empty: no bench (the CPU smoke run)
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export BAYESTUNE_GLUE_DIR=${BAYESTUNE_GLUE_DIR:-$PWD/../shared/data/glue_superglue}
 
@@ -56,7 +55,7 @@ for task_dir in "$RESULTS"/scales/reference/*/; do
 done
 
 if [ -n "$BENCH_MODEL" ]; then
-    "$PY" -m bayestune bench --model "$BENCH_MODEL" --device "$BENCH_DEVICE" \
+    "$PY" -m bayestune bench --model "$BENCH_MODEL" --device cuda \
         --out "$EVIDENCE/bench.json" 2>&1 | tee "$EVIDENCE/bench.log"
 fi
 exit "$status"

@@ -268,6 +268,22 @@ def test_bench_smoke_in_process(tmp_path) -> None:
     print_table(result)
 
 
+def test_bench_takes_a_model_folder(tmp_path, tmp_path_factory) -> None:
+    """A carried model folder (make gpu-carry's .carry/minilm, where pip cannot install the
+    MiniLM package) is benched like the named models; an unknown name says what is allowed."""
+    from shared_runs import tiny_encoder
+
+    from bayestune.bench import run_bench
+    from bayestune.errors import ConfigError
+
+    folder = tiny_encoder(tmp_path_factory)
+    result = run_bench(tmp_path / "bench.json", model=str(folder), steps=1, warmup=0,
+                       device="cpu", seq_len=8, isolate=False)
+    assert result["model"] == str(folder) and result["stage1_step_seconds"] > 0
+    with pytest.raises(ConfigError, match="or a model folder"):
+        run_bench(tmp_path / "x.json", model=str(tmp_path / "absent"), device="cpu")
+
+
 def json_roundtrip(record: dict) -> dict:
     import json
 

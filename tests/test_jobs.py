@@ -4,7 +4,6 @@ list; the GPU evidence's smoke path end to end (`make gpu-evidence SMOKE=1`) on 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -169,8 +168,6 @@ def test_gpu_evidence_smoke_runs_the_device_path_on_the_cpu(tmp_path, tmp_path_f
     chains = pd.read_csv(evidence / "chains/cb/chains.csv")  # what each chain ranks by
     assert set(chains.preset) == {"reference", "cold"}
     assert (evidence / "chains/cb/reference_seed0.log").exists()
-    bench = json.loads((evidence / "bench.json").read_text())  # the carried folder, benched
-    assert bench["device"] == "cpu" and bench["stage1_step_seconds"] > 0
     # the same command again: everything is done, nothing reruns
     again = subprocess.run([*make, "gpu-evidence", "SMOKE=1"], cwd=copy,
                            env={**env, "PYTHONPATH": str(blocker)}, capture_output=True,

@@ -179,6 +179,7 @@ def test_a_sweep_chain_is_the_workflows_chain(tmp_path):
                              {"preset": settings.sampler.preset})
         assert sweep.stage1_config(config, job) == settings.sampler, argv
         seen[settings.sampler.preset, settings.seed] = settings.sampler.steps
-    # the overrides took part: reference's own length, and seed 0's full-length chain
-    assert seen["reference", 0] == 20000 and seen["reference", 1] == 2000
+    # the overrides took part: reference's own length, and seeds 0 and 1's full-length chains
+    assert seen["reference", 0] == seen["reference", 1] == 20000
+    assert seen["reference", 2] == 2000
     assert {preset for preset, _ in seen} == {"reference", "exact", "cold"}
