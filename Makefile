@@ -130,8 +130,9 @@ report: install
 # On the GPU machine (python3 with torch, no Snakemake, no network): `make gpu-evidence`
 # (scripts/gpu_evidence.sh) runs that list, GPU_SLOTS jobs at once on the one GPU, compares each
 # task's chains, times the bench and copies tables, figures, per-job times, the chains' logs and
-# diagnostics and the device's name into docs/results/gpu/. `make gpu-evidence SMOKE=1` renders and runs the
-# same path at toy size on the CPU (config/gpu_smoke.yaml, results/gpu_smoke/).
+# diagnostics and the device's name into docs/results/gpu/. `make gpu-evidence SMOKE=1` renders
+# and runs the same path at toy size on the CPU (config/gpu_smoke.yaml, results/gpu_smoke/),
+# without the bench.
 PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_SLOTS ?= 14
 ifeq ($(SMOKE),1)
@@ -164,7 +165,8 @@ gpu-evidence: gpu-jobs
 endif
 gpu-evidence:
 	GPU_JOBS=$(GPU_JOBS) GPU_RESULTS=$(GPU_RESULTS) EVIDENCE=$(EVIDENCE) GPU_SLOTS=$(GPU_SLOTS) \
-		BENCH_MODEL=$(BENCH_MODEL) PY=$(PY) BAYESTUNE_GLUE_DIR=$${BAYESTUNE_GLUE_DIR:-$(abspath $(LOCAL_GLUE))} \
+		BENCH_MODEL=$(BENCH_MODEL) PY=$(PY) \
+		BAYESTUNE_GLUE_DIR=$${BAYESTUNE_GLUE_DIR:-$(abspath $(LOCAL_GLUE))} \
 		bash scripts/gpu_evidence.sh
 
 bench: install

@@ -100,7 +100,7 @@ class LaplaceGammaPrior:
         ``torch._foreach_*`` op over the whole lists; besides the returned gradients only two
         lists are allocated (1/lam and a scratch), freed on return.
         """
-        n, floor = self.temperature, self.floor
+        n, n_lam, floor = self.temperature, self.n_lambda, self.floor
         thetas, theta0s, lams, theta_grads = map(list, (thetas, theta0s, lams, theta_grads))
         inv = torch._foreach_clamp_min(lams, floor)
         torch._foreach_reciprocal_(inv)                      # 1 / max(lam, floor)
@@ -123,9 +123,9 @@ class LaplaceGammaPrior:
             torch._foreach_add_(diff, lams, alpha=-self.beta)
         torch._foreach_add_(diff, -(2.0 - self.alpha))
         torch._foreach_mul_(diff, inv)
-        torch._foreach_mul_(diff, -1.0 / self.n_lambda)
+        torch._foreach_mul_(diff, -1.0 / n_lam)
         if self.floor_gradient == "clamped":
-            torch._foreach_add_(diff, self.beta / self.n_lambda)
+            torch._foreach_add_(diff, self.beta / n_lam)
         return diff
 
 
