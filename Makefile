@@ -75,7 +75,8 @@ lint: install
 # workflow copy); TEST_WORKERS=0 runs them all in this process.
 TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=15
 
 demo: install
 	$(check_glue_source)
@@ -88,8 +89,10 @@ cpu: install
 # Does BayesTune reproduce? The paper's stage 1 at its length on a 1-layer MiniLM (CoLA), then
 # stage 2 under the fair protocol (config/reproduce.yaml), the `cold` chain and the chain with
 # lambda on its own scale beside it (config/reproduce_cold.yaml, config/reproduce_lambda.yaml),
-# what the chains rank by (results/reproduce/analysis/) and every chain's stage 2 side by side
-# with paired differences (results/reproduce/all_chains/).
+# what the chains rank by (results/reproduce/analysis/), every chain's stage 2 side by side
+# with paired differences (results/reproduce/all_chains/), and the paper's chain against a
+# uniform random 0.5% of every scalar (config/reproduce_uniform.yaml,
+# results/reproduce/uniform_null/).
 # The two long chains first, one per core, so that no core idles at the end.
 reproduce: install
 	$(check_glue_source)
@@ -98,11 +101,15 @@ reproduce: install
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_cold.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_lambda.yaml $(GLUE_SOURCE) && \
+	$(BIN)/snakemake --cores 2 --configfile config/reproduce_uniform.yaml $(GLUE_SOURCE) && \
 	$(BIN)/bayestune compare-chains results/reproduce results/reproduce_cold \
 		results/reproduce_lambda --task cola --out-dir results/reproduce/analysis && \
 	$(BIN)/bayestune report --benchmark glue --label-presets --reference "bayestune (reference)" \
 		--metrics $$(find results/reproduce results/reproduce_cold results/reproduce_lambda \
 		-path '*/finetune/*' -name metrics.json | sort) --out-dir results/reproduce/all_chains && \
+	$(BIN)/bayestune report --benchmark glue --metrics \
+		$$(find results/reproduce/finetune/bayestune results/reproduce_uniform/finetune \
+		-name metrics.json | sort) --out-dir results/reproduce/uniform_null && \
 	echo "make reproduce: $$(( $$(date +%s) - start )) s on $$(nproc) cores" \
 		| tee results/reproduce/wall_time.txt
 

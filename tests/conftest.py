@@ -38,7 +38,8 @@ os.environ.setdefault("BAYESTUNE_GLUE_DIR", str(glue_data_dir()))
 # The longest files first, so that two test processes (make test: pytest-xdist, a process per
 # file) are not left with one long file each at the end. test_workflow builds the session's
 # shared finished run first; test_reruns, which reads it, comes in its alphabetical place,
-# long after.
+# long after. xdist would sort the files by their number of tests instead, which puts these
+# (few tests, minutes each) last: make test turns that off (--no-loadscope-reorder).
 FIRST = ("test_workflow.py", "test_slurm_cluster.py", "test_jobs.py", "test_custom_workflow.py")
 
 
