@@ -210,3 +210,15 @@ def test_report_counts_runs_without_provenance(tmp_path):
                            "trainable_fraction": 1.0})
     problems = reports.provenance_problems(reports.collect_provenance([old]))
     assert problems == ["1 run(s) record no provenance (written before it was recorded)"]
+
+
+def test_provenance_counts_two_chains_runs_of_one_seed_as_two(tmp_path):
+    """With --label-presets, runs of two chains share method, budget, task and seed: each
+    metrics.json is still its own run."""
+    metrics = [write_run(tmp_path / chain, "bayestune", "a" * 40) for chain in ("ref", "cold")]
+    reports.write_provenance(metrics, tmp_path, "glue")
+    table = pd.read_csv(tmp_path / "glue_provenance.csv")
+    assert sorted(set(table["metrics"])) == sorted(map(str, metrics))
+    row = next(line for line in (tmp_path / "glue_table.md").read_text().splitlines()
+               if line.startswith("| aaaaaaaaaa"))
+    assert row.rstrip(" |").endswith("| 2")

@@ -20,23 +20,28 @@ PROVENANCE_FIELDS = ("command", "bayestune_version", "git_commit", "git_dirty", 
 _SOURCE_AND_SOFTWARE = ("bayestune_version", "git_commit", "git_dirty", "lock_sha256", "python",
                         "torch", "transformers")
 _RUN = ["method", "budget", "task", "seed"]
+# A run is its metrics.json: with --label-presets two chains' runs share method, budget, task
+# and seed, so counting by those would merge them.
+_RUN_FILE = "metrics"
 
 
 def collect_provenance(paths: Iterable[PathLike]) -> pd.DataFrame:
     """One row per (fine-tuning run, stage): the run's own provenance record (stage
     ``finetune``) and those of the mask and scale file it was made from, as metrics.json
-    keeps them. A run that recorded none gives one row with the fields empty."""
+    keeps them, and the metrics.json it came from. A run that recorded none gives one row with
+    the fields empty."""
     rows = []
     for path in paths:
         record = files.read_json(path)
         run = {"method": str(record.get("method")),
                "budget": budget_label(record.get("budget"), str(record.get("method"))),
-               "task": str(record.get("task")), "seed": record.get("seed")}
+               "task": str(record.get("task")), "seed": record.get("seed"),
+               _RUN_FILE: str(path)}
         chain = {"finetune": record.get(files.PROVENANCE_KEY), **(record.get("upstream") or {})}
         recorded = {stage: p for stage, p in chain.items() if p}
         for stage, prov in (recorded or {"finetune": {}}).items():
             rows.append({**run, "stage": stage, **{f: prov.get(f) for f in PROVENANCE_FIELDS}})
-    return pd.DataFrame(rows, columns=_RUN + ["stage", *PROVENANCE_FIELDS])
+    return pd.DataFrame(rows, columns=_RUN + ["stage", *PROVENANCE_FIELDS, _RUN_FILE])
 
 
 def provenance_problems(prov: pd.DataFrame) -> list[str]:
@@ -45,7 +50,7 @@ def provenance_problems(prov: pd.DataFrame) -> list[str]:
     problems = []
     missing = prov[prov["git_commit"].isna() & prov["python"].isna()]
     if len(missing):
-        problems.append(f"{len(missing.drop_duplicates(_RUN))} run(s) record no provenance "
+        problems.append(f"{len(missing.drop_duplicates(_RUN_FILE))} run(s) record no provenance "
                         "(written before it was recorded)")
     known = prov.drop(missing.index).fillna("-").astype(str)
     groups = known.drop_duplicates(list(_SOURCE_AND_SOFTWARE))
@@ -72,7 +77,7 @@ def _provenance_markdown(prov: pd.DataFrame, problems: Sequence[str]) -> str:
                      "torch": values["torch"], "transformers": values["transformers"],
                      "devices": ", ".join(sorted(set(group["device"]))),
                      "stages": ", ".join(sorted(set(group["stage"]))),
-                     "runs": str(len(group.drop_duplicates(_RUN)))})
+                     "runs": str(group[_RUN_FILE].nunique())})
     text = "\n## Provenance\n\n" + pd.DataFrame(rows).to_markdown(
         index=False, disable_numparse=True) + "\n"
     for problem in problems:
