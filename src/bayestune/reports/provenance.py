@@ -50,7 +50,7 @@ def provenance_problems(prov: pd.DataFrame) -> list[str]:
     problems = []
     missing = prov[prov["git_commit"].isna() & prov["python"].isna()]
     if len(missing):
-        problems.append(f"{len(missing.drop_duplicates(_RUN_FILE))} run(s) record no provenance "
+        problems.append(f"{missing[_RUN_FILE].nunique()} run(s) record no provenance "
                         "(written before it was recorded)")
     known = prov.drop(missing.index).fillna("-").astype(str)
     groups = known.drop_duplicates(list(_SOURCE_AND_SOFTWARE))
