@@ -72,6 +72,12 @@ try:
                      data_problem=_data_problem)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+_missing_scales = missing_borrowed_scales()
+if _missing_scales:
+    raise WorkflowError(
+        f"scales_dir {SCALES}: {len(_missing_scales)} scale file(s) this run reads are missing "
+        f"(first: {_missing_scales[0]}). Run the config that samples them first, or remove "
+        "scales_dir to sample them in this run.")
 
 
 rule all:
@@ -91,7 +97,10 @@ localrules:
 
 
 include: "workflow/rules/data.smk"
-include: "workflow/rules/scales.smk"
+if not BORROWED_SCALES:
+
+    include: "workflow/rules/scales.smk"
+
 include: "workflow/rules/masks.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"

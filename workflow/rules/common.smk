@@ -6,6 +6,7 @@ All knowledge of the file layout lives here, so the rule files only wire files t
     {prepared_dir}/{task}/                                       prepared task data
     {results_dir}/scales/{preset}/{task}/seed{S}.safetensors     posterior-mean lambda
     {results_dir}/scales/{preset}/{task}/seed{S}.ckpt            sampler checkpoint (resume)
+        (or under scales_dir, when the run borrows another run's chains)
     {results_dir}/masks/{method}/{task}/seed{S}/p{budget}.safetensors
     {results_dir}/masks/bayestune/{preset}/{task}/seed{S}/p{budget}.safetensors
     {results_dir}/finetune/{method}/{task}/{label}/seed{S}/{metrics.json,delta.safetensors}
@@ -41,6 +42,10 @@ from bayestune.tasks.base import TaskError
 from bayestune.tasks.custom import parse_custom_tasks, read_task_file
 
 RES = config["results_dir"].rstrip("/")
+# scales_dir: read the stage-1 chains another run made (its results_dir's scales/) instead of
+# sampling them again; this run then has no sample job and never writes that folder.
+SCALES = (config.get("scales_dir") or f"{RES}/scales").rstrip("/")
+BORROWED_SCALES = SCALES != f"{RES}/scales"
 PREP = config["prepared_dir"].rstrip("/")
 BENCH = config["benchmark"]
 TASKS = list(config["tasks"])
@@ -246,16 +251,28 @@ def prepared(task):
 
 
 def scale_file(preset, task, seed):
-    return f"{RES}/scales/{preset}/{task}/seed{seed}.safetensors"
+    return f"{SCALES}/{preset}/{task}/seed{seed}.safetensors"
+
+
+def missing_borrowed_scales():
+    """The scale files and chain diagnostics this run reads from scales_dir that are not
+    there (none when the run samples its own)."""
+    if not BORROWED_SCALES or "bayestune" not in METHODS:
+        return []
+    needed = [path for preset in PRESETS for task in TASKS for seed in CHAIN_SEEDS
+              for path in (scale_file(preset, task, seed),
+                           diagnostics_file(preset, task, seed, "diagnostics.json"),
+                           diagnostics_file(preset, task, seed, "traces.safetensors"))]
+    return [path for path in needed if not os.path.exists(path)]
 
 
 def diagnostics_file(preset, task, seed, kind):
     """The chain diagnostics beside a scale file (kind: diagnostics.json, traces.safetensors)."""
-    return f"{RES}/scales/{preset}/{task}/seed{seed}.{kind}"
+    return f"{SCALES}/{preset}/{task}/seed{seed}.{kind}"
 
 
 def checkpoint_file(preset, task, seed):
-    return f"{RES}/scales/{preset}/{task}/seed{seed}.ckpt"
+    return f"{SCALES}/{preset}/{task}/seed{seed}.ckpt"
 
 
 def mask_file(method, task, seed, label, preset=None):
