@@ -92,7 +92,8 @@ cpu: install
 # what the chains rank by (results/reproduce/analysis/), every chain's stage 2 side by side
 # with paired differences (results/reproduce/all_chains/), and the paper's chain against a
 # uniform random 0.5% of every scalar (config/reproduce_uniform.yaml,
-# results/reproduce/uniform_null/).
+# results/reproduce/uniform_null/), and those rows again with stage 2 twice as long, on the
+# same chains (config/reproduce_long.yaml, results/reproduce_long/).
 # The two long chains first, one per core, so that no core idles at the end.
 reproduce: install
 	$(check_glue_source)
@@ -102,6 +103,7 @@ reproduce: install
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_cold.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_lambda.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_uniform.yaml $(GLUE_SOURCE) && \
+	$(BIN)/snakemake --cores 2 --configfile config/reproduce_long.yaml $(GLUE_SOURCE) && \
 	$(BIN)/bayestune compare-chains results/reproduce results/reproduce_cold \
 		results/reproduce_lambda --task cola --out-dir results/reproduce/analysis && \
 	$(BIN)/bayestune report --benchmark glue --label-presets --reference "bayestune (reference)" \

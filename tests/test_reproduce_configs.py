@@ -1,7 +1,9 @@
 """`make reproduce` sets several configs side by side (the paper's chain, `cold`, lambda on its
 own scale, a uniform random mask) and pairs their stage-2 runs over seeds. A pairing is fair
 only when everything but the mask is the same: model, data, seeds, stage-2 schedule and the
-learning rates tried. These checks read the configs and the Makefile; they run nothing."""
+learning rates tried. The long config reruns three of those rows with stage 2 twice as long,
+each at a rate of the main grid, on the main config's own chains. These checks read the
+configs and the Makefile; they run nothing."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("config/reproduce*.yaml"))
 SHARED = ("benchmark", "model", "model_vocabulary", "architecture", "prepared_dir", "glue_dir",
-          "max_length", "tasks", "seeds", "budgets", "main_budget", "finetune")
+          "max_length", "tasks", "seeds", "budgets", "main_budget")
+LONG = REPO / "config/reproduce_long.yaml"
+SAME_STAGE_2 = [p for p in CONFIGS if p != LONG]  # the configs whose rows share one table
 
 
 def load(path: Path) -> dict:
@@ -23,7 +27,7 @@ def load(path: Path) -> dict:
 
 def test_there_are_the_four_reproduce_configs():
     assert {p.stem for p in CONFIGS} == {"reproduce", "reproduce_cold", "reproduce_lambda",
-                                         "reproduce_uniform"}
+                                         "reproduce_long", "reproduce_uniform"}
 
 
 @pytest.mark.parametrize("path", CONFIGS[1:], ids=lambda p: p.stem)
@@ -39,9 +43,28 @@ def test_every_method_tries_the_same_number_of_rates(path):
     assert all(len(grid) == tuning["candidates"] for grid in tuning["grid"].values())
 
 
+@pytest.mark.parametrize("path", SAME_STAGE_2[1:], ids=lambda p: p.stem)
+def test_the_side_configs_of_the_main_table_share_its_stage_2(path):
+    assert load(path)["finetune"] == load(REPO / "config/reproduce.yaml")["finetune"]
+
+
+def test_the_long_config_changes_only_stage_2s_length_on_the_main_chains():
+    main, long = load(REPO / "config/reproduce.yaml"), load(LONG)
+    assert long["finetune"] == {**main["finetune"], "max_steps": 2 * main["finetune"]["max_steps"]}
+    # the main config's chains, read rather than sampled again
+    assert long["scales_dir"] == f"{main['results_dir']}/scales"
+    assert long["sampler"] == main["sampler"]
+    assert long["sampler_seeds"] == main["sampler_seeds"]
+    # its random is the uniform null's draw
+    assert long["mask_by_method"] == load(REPO / "config/reproduce_uniform.yaml")["mask_by_method"]
+    for method, grid in long["tuning"]["grid"].items():
+        tried = main["tuning"]["grid"].get(method, main["tuning"]["grid"]["default"])
+        assert all(candidate in tried for candidate in grid), method
+
+
 def test_the_masked_methods_try_the_same_rates_in_every_config():
     rates = set()
-    for path in CONFIGS:
+    for path in SAME_STAGE_2:
         for method, grid in load(path)["tuning"]["grid"].items():
             if method != "full":
                 rates.add(tuple(candidate["lr"] for candidate in grid))

@@ -438,3 +438,29 @@ def test_stage_two_seeds_share_the_chains_of_sampler_seeds(tmp_path, workdir):
     refused = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(bad))
     assert refused.returncode != 0
     assert "sampler_seeds [3] must be among seeds [0, 1]" in refused.stdout + refused.stderr
+
+
+def test_scales_dir_reads_another_runs_chains_and_never_samples(tmp_path, workdir):
+    borrowed = tmp_path / "other_run/scales"
+    files = [borrowed / f"exact/cb/seed{seed}.{kind}" for seed in (0, 1)
+             for kind in ("safetensors", "diagnostics.json", "traces.safetensors")]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    config = write_config(tmp_path / "borrow.yaml", workdir / "tests/config/tiny.yaml",
+                          tasks=["cb"], seeds=[0, 1], scales_dir=str(borrowed))
+    result = snakemake(workdir, "-n", "-p", "--cores", "1", "--configfile", str(config))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    counts = job_counts(result.stdout)
+    assert "sample" not in counts and counts["mask_bayestune"] == 2
+    scores = {a[a.index("--seed") + 1]: a[a.index("--scores") + 1]
+              for a in bayestune_commands(result.stdout)["mask"] if "bayestune" in a}
+    assert scores == {str(s): str(borrowed / f"exact/cb/seed{s}.safetensors") for s in (0, 1)}
+    assert "results/tiny/scales" not in result.stdout
+
+    files[3].unlink()  # seed 1's scale file
+    refused = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(config))
+    assert refused.returncode != 0
+    message = refused.stdout + refused.stderr
+    assert f"scales_dir {borrowed}" in message and "seed1.safetensors" in message
+    assert "remove scales_dir" in message
