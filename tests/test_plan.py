@@ -3,12 +3,15 @@ disk from the file formats (checked against files actually written), DVC cache f
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from shared_runs import tiny_encoder
 from test_workflow import copy_workflow
+from transformers import AutoConfig
 
 from bayestune import cli, files, sizes
 from bayestune.delta import make_delta
@@ -177,3 +180,38 @@ def test_cli_prints_the_plan_or_one_clear_error(workdir, tiny_plan, tmp_path, ca
     assert f"plan for tests/config/tiny.yaml: {total} jobs" in out and "CPU-hours" in out
     assert cli.main(["plan", "--configfile", "config.yaml", "--directory", str(tmp_path)]) == 2
     assert "no Snakefile" in capsys.readouterr().err
+
+
+def test_the_plan_sizes_the_model_after_the_vocabulary_cut(workdir, tmp_path, tmp_path_factory,
+                                                           glue_dir, monkeypatch) -> None:
+    source = tiny_encoder(tmp_path_factory)
+    config = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    config.update(model=str(source), glue_dir=str(glue_dir),
+                  prepared_dir=str(tmp_path / "prepared"))
+    (workdir / "uncut.yaml").write_text(yaml.safe_dump(config))
+    (workdir / "cut.yaml").write_text(yaml.safe_dump({**config, "model_vocabulary": "tasks"}))
+    monkeypatch.delenv("BAYESTUNE_GLUE_DIR", raising=False)
+    uncut, counted = make_plan("uncut.yaml", workdir), make_plan("cut.yaml", workdir)
+
+    # the cut the workflow's own command makes
+    cut_model = tmp_path / "prepared/model"
+    assert cli.main(["-q", "cut-vocabulary", "--tasks", *config["tasks"], "--model", str(source),
+                     "--out-dir", str(cut_model), "--data-dir", str(glue_dir)]) == 0
+    written, full = AutoConfig.from_pretrained(cut_model), AutoConfig.from_pretrained(source)
+    removed = (full.vocab_size - written.vocab_size) * full.hidden_size
+    assert removed > 0 and counted.n_scalars == uncut.n_scalars - removed
+    assert f"vocabulary cut: {written.vocab_size} tokens counted" in counted.notes[0]
+    scale_bytes = [sum(f.bytes for j in plan.jobs for f in j.files if f.kind == "scale files")
+                   for plan in (counted, uncut)]
+    assert scale_bytes[0] == pytest.approx(
+        scale_bytes[1] - sizes.FLOAT_BYTES * removed * len(config["tasks"]), rel=1e-3)
+
+    read = make_plan("cut.yaml", workdir)  # once written, the cut model itself
+    assert read.n_scalars == counted.n_scalars and str(cut_model) in read.notes[0]
+
+    shutil.rmtree(cut_model)
+    (workdir / "nodata.yaml").write_text(yaml.safe_dump(
+        {**config, "model_vocabulary": "tasks", "glue_dir": str(tmp_path / "no_data")}))
+    unknown = make_plan("nodata.yaml", workdir)
+    assert unknown.n_scalars == uncut.n_scalars and "full vocabulary, an upper bound" in \
+        unknown.notes[0]

@@ -71,6 +71,15 @@ def model_shapes(model_name: str, benchmark: str, known: Mapping[str, Mapping],
     return shapes, "shapes built on the meta device, no weights loaded"
 
 
+def with_vocabulary(shapes: Shapes, rows: int) -> Shapes:
+    """``shapes`` with the word embeddings cut to ``rows`` tokens (the vocabulary cut)."""
+    names = [name for name in shapes if name.endswith("word_embeddings.weight")]
+    if len(names) != 1:
+        raise ConfigError(f"cannot find the one word-embedding matrix among {len(shapes)} "
+                          "parameters to size the vocabulary cut")
+    return {**shapes, names[0]: (rows, *shapes[names[0]][1:])}
+
+
 def known_model(model_name: str, known: Mapping[str, Mapping]) -> Mapping | None:
     for entry in known.values():
         if model_name in entry.get("names", []):

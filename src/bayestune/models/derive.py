@@ -103,6 +103,12 @@ def _layer_list(encoder: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def kept_token_ids(tokenizer, token_ids: Iterable[int]) -> list[int]:
+    """The ids the vocabulary cut keeps, in their original order: ``token_ids`` and the
+    tokenizer's special tokens."""
+    return sorted(set(token_ids) | set(tokenizer.all_special_ids))
+
+
 def restrict_vocabulary(source: str | Path, token_ids: Iterable[int], out: Path) -> Path:
     """Model folder ``source`` with only the tokens ``token_ids`` (and the special tokens)
     in its tokenizer and word embeddings, in their original order."""
@@ -114,7 +120,7 @@ def restrict_vocabulary(source: str | Path, token_ids: Iterable[int], out: Path)
         raise DerivedModelError(f"{source}: the vocabulary cut keeps WordPiece's splits; its "
                                 f"tokenizer is {spec['model']['type']}")
     size = len(spec["model"]["vocab"])
-    keep = sorted(set(token_ids) | set(tokenizer.all_special_ids))
+    keep = kept_token_ids(tokenizer, token_ids)
     if keep[0] < 0 or keep[-1] >= size:
         raise DerivedModelError(f"token id {keep[-1]} is outside {source}'s vocabulary")
     renumber = {old: new for new, old in enumerate(keep)}
