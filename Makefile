@@ -92,8 +92,9 @@ cpu: install
 # what the chains rank by (results/reproduce/analysis/), every chain's stage 2 side by side
 # with paired differences (results/reproduce/all_chains/), and the paper's chain against a
 # uniform random 0.5% of every scalar (config/reproduce_uniform.yaml,
-# results/reproduce/uniform_null/), and those rows again with stage 2 twice as long, on the
-# same chains (config/reproduce_long.yaml, results/reproduce_long/).
+# results/reproduce/uniform_null/), and the rows of every chain, the uniform draw and full
+# fine-tuning again with stage 2 twice as long, on the same chains
+# (config/reproduce_long*.yaml, results/reproduce_long/all_chains/).
 # The two long chains first, one per core, so that no core idles at the end.
 reproduce: install
 	$(check_glue_source)
@@ -104,6 +105,8 @@ reproduce: install
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_lambda.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_uniform.yaml $(GLUE_SOURCE) && \
 	$(BIN)/snakemake --cores 2 --configfile config/reproduce_long.yaml $(GLUE_SOURCE) && \
+	$(BIN)/snakemake --cores 2 --configfile config/reproduce_long_cold.yaml $(GLUE_SOURCE) && \
+	$(BIN)/snakemake --cores 2 --configfile config/reproduce_long_lambda.yaml $(GLUE_SOURCE) && \
 	$(BIN)/bayestune compare-chains results/reproduce results/reproduce_cold \
 		results/reproduce_lambda --task cola --out-dir results/reproduce/analysis && \
 	$(BIN)/bayestune report --benchmark glue --label-presets --reference "bayestune (reference)" \
@@ -112,6 +115,10 @@ reproduce: install
 	$(BIN)/bayestune report --benchmark glue --metrics \
 		$$(find results/reproduce/finetune/bayestune results/reproduce_uniform/finetune \
 		-name metrics.json | sort) --out-dir results/reproduce/uniform_null && \
+	$(BIN)/bayestune report --benchmark glue --label-presets --reference "bayestune (reference)" \
+		--metrics $$(find results/reproduce_long results/reproduce_long_cold \
+		results/reproduce_long_lambda -path '*/finetune/*' -name metrics.json | sort) \
+		--out-dir results/reproduce_long/all_chains && \
 	echo "make reproduce: $$(( $$(date +%s) - start )) s on $$(nproc) cores" \
 		| tee results/reproduce/wall_time.txt
 

@@ -17,17 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("config/reproduce*.yaml"))
 SHARED = ("benchmark", "model", "model_vocabulary", "architecture", "prepared_dir", "glue_dir",
           "max_length", "tasks", "seeds", "budgets", "main_budget")
-LONG = REPO / "config/reproduce_long.yaml"
-SAME_STAGE_2 = [p for p in CONFIGS if p != LONG]  # the configs whose rows share one table
+LONG = sorted(REPO.glob("config/reproduce_long*.yaml"))  # stage 2 twice as long
+SAME_STAGE_2 = [p for p in CONFIGS if p not in LONG]  # the configs whose rows share one table
+COUNTERPART = {"reproduce_long": "reproduce", "reproduce_long_cold": "reproduce_cold",
+               "reproduce_long_lambda": "reproduce_lambda"}
 
 
 def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def test_there_are_the_four_reproduce_configs():
+def test_there_are_the_reproduce_configs():
     assert {p.stem for p in CONFIGS} == {"reproduce", "reproduce_cold", "reproduce_lambda",
-                                         "reproduce_long", "reproduce_uniform"}
+                                         "reproduce_uniform", *COUNTERPART}
 
 
 @pytest.mark.parametrize("path", CONFIGS[1:], ids=lambda p: p.stem)
@@ -48,18 +50,28 @@ def test_the_side_configs_of_the_main_table_share_its_stage_2(path):
     assert load(path)["finetune"] == load(REPO / "config/reproduce.yaml")["finetune"]
 
 
-def test_the_long_config_changes_only_stage_2s_length_on_the_main_chains():
-    main, long = load(REPO / "config/reproduce.yaml"), load(LONG)
+@pytest.mark.parametrize("path", LONG, ids=lambda p: p.stem)
+def test_a_long_config_changes_only_stage_2s_length_on_its_counterparts_chains(path):
+    main, long = load(REPO / "config/reproduce.yaml"), load(path)
+    counterpart = load(REPO / f"config/{COUNTERPART[path.stem]}.yaml")
     assert long["finetune"] == {**main["finetune"], "max_steps": 2 * main["finetune"]["max_steps"]}
-    # the main config's chains, read rather than sampled again
-    assert long["scales_dir"] == f"{main['results_dir']}/scales"
-    assert long["sampler"] == main["sampler"]
-    assert long["sampler_seeds"] == main["sampler_seeds"]
-    # its random is the uniform null's draw
-    assert long["mask_by_method"] == load(REPO / "config/reproduce_uniform.yaml")["mask_by_method"]
+    # the counterpart's chains, read rather than sampled again
+    assert long["scales_dir"] == f"{counterpart['results_dir']}/scales"
+    assert long["sampler"] == counterpart["sampler"]
+    assert long["sampler_seeds"] == counterpart["sampler_seeds"]
     for method, grid in long["tuning"]["grid"].items():
         tried = main["tuning"]["grid"].get(method, main["tuning"]["grid"]["default"])
+        if method == "bayestune":
+            tried = counterpart["tuning"]["grid"]["bayestune"]
         assert all(candidate in tried for candidate in grid), method
+
+
+def test_the_long_rows_are_the_main_rows_they_rerun():
+    long = load(REPO / "config/reproduce_long.yaml")
+    # its random is the uniform null's draw, and every 6,000-step row of the verdict is rerun
+    assert long["mask_by_method"] == load(REPO / "config/reproduce_uniform.yaml")["mask_by_method"]
+    assert set(long["methods"]) == {"bayestune", "random", "full"}
+    assert {p.stem for p in LONG} == {f"reproduce_long{s}" for s in ("", "_cold", "_lambda")}
 
 
 def test_the_masked_methods_try_the_same_rates_in_every_config():
