@@ -200,7 +200,7 @@ def test_the_plan_sizes_the_model_after_the_vocabulary_cut(workdir, tmp_path, tm
     written, full = AutoConfig.from_pretrained(cut_model), AutoConfig.from_pretrained(source)
     removed = (full.vocab_size - written.vocab_size) * full.hidden_size
     assert removed > 0 and counted.n_scalars == uncut.n_scalars - removed
-    assert f"vocabulary cut: {written.vocab_size} tokens counted" in counted.notes[0]
+    assert f"vocabulary cut: {written.vocab_size} tokens (counted)" in counted.notes[0]
     scale_bytes = [sum(f.bytes for j in plan.jobs for f in j.files if f.kind == "scale files")
                    for plan in (counted, uncut)]
     assert scale_bytes[0] == pytest.approx(

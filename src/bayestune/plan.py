@@ -13,7 +13,6 @@ device-hours, and the file formats with the model's shapes give the disk of ever
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -369,7 +368,7 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
     shapes, shapes_note = sizes.model_shapes(config["model"], benchmark, costs["models"],
                                              config.get("architecture") or "jiant")
     if config.get("model_vocabulary") == "tasks" and benchmark != "vtab":
-        shapes, shapes_note = _cut_vocabulary(root, config, shapes, shapes_note)
+        shapes, shapes_note = sizes.vocabulary_cut_shapes(root, config, shapes, shapes_note)
     n_scalars = sum(sizes.numel(s) for s in shapes.values())
     per_step = step_costs(costs, config["model"], device, n_scalars)
     tokens = VISION_TOKENS if benchmark == "vtab" else int(config["max_length"])
@@ -409,36 +408,6 @@ def make_plan(configfile: str, root: str | os.PathLike[str] = ".", *,
                 checkpoint_bytes=int(max(map(sizes.checkpoint_models, samplers)) * model),
                 running_stats_bytes=max(map(sizes.running_stats_models, samplers)) * model,
                 jobs_per_gpu=int(config.get("jobs_per_gpu", 1)))
-
-
-def _cut_vocabulary(root: Path, config: dict, shapes: sizes.Shapes,
-                    note: str) -> tuple[sizes.Shapes, str]:
-    """The shapes after the workflow's vocabulary cut: the cut model's size once it is written
-    (<prepared_dir>/model), else the tokens the tasks' data uses; the full vocabulary, said so,
-    where neither can be read."""
-    cut = root / config["prepared_dir"] / "model/config.json"
-    if cut.is_file():
-        rows = int(json.loads(cut.read_text())["vocab_size"])
-        return sizes.with_vocabulary(shapes, rows), f"{note}; vocabulary cut: {rows} tokens ({cut})"
-    from transformers import AutoTokenizer
-
-    from bayestune.data_source import data_dir
-    from bayestune.errors import DataError
-    from bayestune.models.derive import kept_token_ids
-    from bayestune.models.text import resolve_model_path
-    from bayestune.tasks import used_token_ids
-
-    folder = data_dir(config)
-    try:
-        used = used_token_ids(config["tasks"], config["model"],
-                              Path(root, folder) if folder else None,
-                              architecture=config.get("architecture") or "jiant")
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config["model"]))
-    except (DataError, OSError) as err:
-        return shapes, (f"{note}; the vocabulary cut not counted ({err}): sizes for the full "
-                        "vocabulary, an upper bound")
-    rows = len(kept_token_ids(tokenizer, used))
-    return sizes.with_vocabulary(shapes, rows), f"{note}; vocabulary cut: {rows} tokens counted"
 
 
 def _parse(parser, job: DryRunJob) -> tuple[str, Any] | None:

@@ -109,6 +109,13 @@ def kept_token_ids(tokenizer, token_ids: Iterable[int]) -> list[int]:
     return sorted(set(token_ids) | set(tokenizer.all_special_ids))
 
 
+def kept_token_count(source: str | Path, token_ids: Iterable[int]) -> int:
+    """How many rows the vocabulary cut of model folder ``source`` to ``token_ids`` keeps."""
+    from transformers import AutoTokenizer
+
+    return len(kept_token_ids(AutoTokenizer.from_pretrained(source), token_ids))
+
+
 def restrict_vocabulary(source: str | Path, token_ids: Iterable[int], out: Path) -> Path:
     """Model folder ``source`` with only the tokens ``token_ids`` (and the special tokens)
     in its tokenizer and word embeddings, in their original order."""
