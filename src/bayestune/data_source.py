@@ -35,13 +35,15 @@ def data_setting(config: Mapping[str, Any]) -> tuple[str, str]:
     return "BAYESTUNE_GLUE_DIR", "glue_dir"
 
 
-def data_dir(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> str | None:
+def data_dir(config: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+             base: str | os.PathLike[str] = "") -> str | None:
     """The built-in tasks' data folder: the environment wins over the config; None or "hub"
-    reads the Hugging Face Hub."""
+    reads the Hugging Face Hub. A relative folder is taken from ``base`` (default: here), the
+    folder the workflow runs in."""
     env_name, key = data_setting(config)
     chosen = (os.environ if environ is None else environ).get(env_name) or config.get(key)
     if chosen and chosen != HUB:
-        return os.path.abspath(chosen)
+        return os.path.abspath(os.path.join(base, chosen))
     return chosen
 
 

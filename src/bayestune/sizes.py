@@ -86,23 +86,26 @@ def vocabulary_cut_shapes(root: Path, config: Mapping, shapes: Shapes,
     """``shapes`` after the workflow's vocabulary cut (config ``model_vocabulary: tasks``): the
     cut model's once it is written (<prepared_dir>/model), else the tokens of the tasks' data
     counted; the full vocabulary, said so in the note, where neither can be read."""
-    from bayestune.data_source import data_dir
+    from bayestune.data_source import HUB, data_dir
     from bayestune.errors import DataError
     from bayestune.models.derive import kept_token_count
     from bayestune.models.text import resolve_model_path
     from bayestune.tasks import used_token_ids
 
-    cut, folder = Path(root, config["prepared_dir"], "model/config.json"), data_dir(config)
+    cut = Path(root, config["prepared_dir"], "model/config.json")
+    if cut.is_file():
+        rows = int(json.loads(cut.read_text())["vocab_size"])
+        return with_vocabulary(shapes, rows), f"{note}; vocabulary cut: {rows} tokens ({cut})"
+    folder = data_dir(config, base=root)
     try:
-        rows = int(json.loads(cut.read_text())["vocab_size"]) if cut.is_file() else \
-            kept_token_count(resolve_model_path(config["model"]), used_token_ids(
-                config["tasks"], config["model"], Path(root, folder) if folder else None,
-                architecture=config.get("architecture") or DEFAULT_ARCHITECTURE))
+        used = used_token_ids(config["tasks"], config["model"],
+                              Path(folder) if folder and folder != HUB else None,
+                              architecture=config.get("architecture") or DEFAULT_ARCHITECTURE)
+        rows = kept_token_count(resolve_model_path(config["model"]), used)
     except (DataError, OSError) as err:
         return shapes, (f"{note}; the vocabulary cut not counted ({err}): sizes for the full "
                         "vocabulary, an upper bound")
-    where = cut if cut.is_file() else "counted"
-    return with_vocabulary(shapes, rows), f"{note}; vocabulary cut: {rows} tokens ({where})"
+    return with_vocabulary(shapes, rows), f"{note}; vocabulary cut: {rows} tokens (counted)"
 
 
 def known_model(model_name: str, known: Mapping[str, Mapping]) -> Mapping | None:
